@@ -1,0 +1,689 @@
+//! The pipeline benchmark: outboxd against the physical limits of this machine's PostgreSQL
+//! and Redis, in the same run. `cargo bench --bench pipeline` prints progress on stderr and,
+//! as its last line, one JSON object with the medians (and the spread) of at least 3 runs.
+//!
+//! - relay: `outboxd relay --once` over N outbox rows (default 200,000, 300-byte payloads,
+//!   20,000 aggregates); its peak RSS is read from /proc while it runs.
+//! - relay limit: the bare minimum in the same run: `DELETE ... WHERE id IN (SELECT ... LIMIT
+//!   B FOR UPDATE SKIP LOCKED) RETURNING *` in batches of B with no ordering rules and no Redis,
+//!   and pipelined `XADD` of the same entries with no PostgreSQL; the slower of the two.
+//! - consume: `outboxd consume --once` over M events (default 100,000; 10,000 orders, each
+//!   event one real transition or a duplicate) through the `order_status` handler.
+//! - consume limit: the same inbox inserts and order updates as plain SQL in the same batches,
+//!   without Redis.
+//!
+//! - latency: `outboxd run` (relay woken by NOTIFY, consumer) while producers commit 2,000
+//!   events/s for 20 s (BENCH_LATENCY_SECONDS), each its own transaction: from the producer's
+//!   commit returning to the entry's ID time in Redis (ms resolution), and to the
+//!   `order_status_history` row of its effect (clock_timestamp() in the consumer's transaction,
+//!   which commits right after).
+//!
+//! Sizes: BENCH_RELAY_ROWS, BENCH_CONSUME_EVENTS, BENCH_RUNS (the test suite runs it tiny);
+//! BENCH_ONLY=relay, consume or latency runs one part (the others' figures are 0).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TOPIC: &str = "fulfillment.status_changed";
+const BATCH: i64 = 1000;
+const CONSUME_BATCH: usize = 200;
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn pg_admin() -> String {
+    std::env::var("OUTBOXD_TEST_PG")
+        .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/postgres".into())
+}
+
+fn redis_url() -> String {
+    std::env::var("OUTBOXD_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+async fn connect(url: &str) -> tokio_postgres::Client {
+    let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    c
+}
+
+struct Bench {
+    db: String,
+    url: String,
+    prefix: String,
+    config: std::path::PathBuf,
+}
+
+impl Bench {
+    async fn new() -> Bench {
+        let db = format!("outboxd_bench_{}", std::process::id());
+        let admin = connect(&pg_admin()).await;
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {db}"))
+            .await
+            .unwrap();
+        admin
+            .batch_execute(&format!("CREATE DATABASE {db}"))
+            .await
+            .unwrap();
+        let base = pg_admin();
+        let url = format!("{}/{db}", &base[..base.rfind('/').unwrap()]);
+        let prefix = format!("outboxd-bench-{}:", std::process::id());
+        let config = std::env::temp_dir().join(format!("{db}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+[redis]
+url = "{redis}"
+stream_prefix = "{prefix}"
+[databases.main]
+url = "{url}"
+[[relays]]
+database = "main"
+batch_size = {BATCH}
+[[consumers]]
+name = "order-status"
+database = "main"
+streams = ["{TOPIC}", "delivery.confirmed"]
+handler = "order_status"
+batch_size = {CONSUME_BATCH}
+[http]
+listen = ""
+"#,
+                redis = redis_url()
+            ),
+        )
+        .unwrap();
+        let bench = Bench {
+            db,
+            url,
+            prefix,
+            config,
+        };
+        let (ok, out) = bench.outboxd(&["migrate"]);
+        assert!(ok, "migrate: {out}");
+        bench
+    }
+
+    fn outboxd(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_outboxd"))
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .env("OUTBOXD_LOG", "warn")
+            .output()
+            .expect("run outboxd");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    }
+
+    /// Runs outboxd, sampling its peak RSS (VmHWM) until it exits.
+    fn outboxd_with_rss(&self, args: &[&str]) -> (String, f64) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_outboxd"))
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .env("OUTBOXD_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let status_path = format!("/proc/{}/status", child.id());
+        let mut peak_kb = 0u64;
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&status_path) {
+                if let Some(line) = text.lines().find(|l| l.starts_with("VmHWM:")) {
+                    let kb: u64 = line
+                        .split_whitespace()
+                        .nth(1)
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    peak_kb = peak_kb.max(kb);
+                }
+            }
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "outboxd {args:?} failed");
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            peak_kb as f64 / 1024.0,
+        )
+    }
+
+    async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(redis_url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    async fn clear_streams(&self) {
+        let mut conn = self.redis().await;
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}*", self.prefix))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        for k in keys {
+            let _: i64 = redis::cmd("DEL")
+                .arg(k)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+    }
+
+    /// N rows over `aggregates` aggregates with ~300-byte payloads like SPEC's event.
+    async fn fill_outbox(&self, client: &tokio_postgres::Client, n: i64, aggregates: i64) {
+        client.batch_execute("TRUNCATE outbox").await.unwrap();
+        let mut start = 0;
+        while start < n {
+            let end = (start + 20_000).min(n);
+            client
+                .execute(
+                    "INSERT INTO outbox (topic, aggregate_id, payload)
+                     SELECT $1, 'order-' || (g % $4),
+                       jsonb_build_object('event_type', 'fulfillment.status_changed',
+                         'fulfillment_id', 'ful-' || (g % $4), 'order_id', 'order-' || (g % $4),
+                         'old_status', 'picking', 'new_status', 'picked',
+                         'timestamp', '2026-11-22T08:00:00.000000Z',
+                         'metadata', jsonb_build_object('warehouse', 'WH-HCM-01', 'picker', 'picker-0042',
+                            'note', repeat('x', 60), 'seq', g))
+                     FROM generate_series($2::bigint, $3::bigint - 1) g ORDER BY g",
+                    &[&TOPIC, &start, &end, &aggregates],
+                )
+                .await
+                .unwrap();
+            start = end;
+        }
+        client.batch_execute("VACUUM ANALYZE outbox").await.unwrap();
+    }
+}
+
+fn summary_rate(line: &str) -> f64 {
+    // "... N rows in S s (R rows/s) ..." or "... (R events/s) ..."
+    let open = line.find('(').unwrap();
+    line[open + 1..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn spread(v: &[f64]) -> f64 {
+    let (min, max) = v
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(*x), b.max(*x)));
+    if max > 0.0 {
+        (max - min) / max
+    } else {
+        0.0
+    }
+}
+
+async fn relay_run(b: &Bench, rows: i64) -> (f64, f64) {
+    let client = connect(&b.url).await;
+    b.fill_outbox(&client, rows, 20_000.min(rows.max(1))).await;
+    b.clear_streams().await;
+    let (out, rss) = b.outboxd_with_rss(&["relay", "--once"]);
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("relay main.outbox"))
+        .unwrap()
+        .to_string();
+    eprintln!("  {line}; peak RSS {rss:.1} MB");
+    (summary_rate(&line), rss)
+}
+
+/// The bare minimum: claim+delete in batches without ordering rules or Redis (best of 1 and
+/// 2 sessions), and XADD of the same entries without PostgreSQL; the slower of the two.
+async fn relay_limit_run(b: &Bench, rows: i64) -> f64 {
+    let client = connect(&b.url).await;
+    b.fill_outbox(&client, rows, 20_000.min(rows.max(1))).await;
+    // Keep the envelopes for the XADD half.
+    let payloads: Vec<String> = client
+        .query("SELECT payload::text FROM outbox ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut best_pg = 0.0f64;
+    for sessions in [1usize, 2] {
+        b.fill_outbox(&client, rows, 20_000.min(rows.max(1))).await;
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..sessions {
+            let url = b.url.clone();
+            tasks.push(tokio::spawn(async move {
+                let c = connect(&url).await;
+                let stmt = c
+                    .prepare(
+                        "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) RETURNING *",
+                    )
+                    .await
+                    .unwrap();
+                loop {
+                    let n = c.query(&stmt, &[&BATCH]).await.unwrap().len();
+                    if n == 0 {
+                        break;
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        best_pg = best_pg.max(rows as f64 / started.elapsed().as_secs_f64());
+    }
+    b.clear_streams().await;
+    let mut conn = b.redis().await;
+    let key = format!("{}{TOPIC}", b.prefix);
+    let started = Instant::now();
+    for chunk in payloads.chunks(BATCH as usize) {
+        let mut pipe = redis::pipe();
+        for p in chunk {
+            pipe.cmd("XADD")
+                .arg(&key)
+                .arg("*")
+                .arg("data")
+                .arg(p)
+                .ignore();
+        }
+        let () = pipe.query_async(&mut conn).await.unwrap();
+    }
+    let redis_rate = rows as f64 / started.elapsed().as_secs_f64();
+    eprintln!(
+        "  limit: PostgreSQL claim+delete {best_pg:.0} rows/s, Redis XADD {redis_rate:.0} rows/s"
+    );
+    best_pg.min(redis_rate)
+}
+
+/// Events for `orders` orders, 10 per order: 3 real transitions (picking -> processing,
+/// shipped -> shipped, delivery.confirmed -> delivered) and 7 duplicates of them.
+fn consume_events(orders: u64, events: u64) -> Vec<(String, String, String, Option<String>)> {
+    let per = (events / orders).max(1);
+    let mut out = Vec::with_capacity(events as usize);
+    for k in 0..per {
+        for o in 0..orders {
+            let order = format!("order-{o}");
+            let step = [0, 0, 1, 1, 1, 2, 2, 2, 0, 1][(k % 10) as usize];
+            let (topic, status) = match step {
+                0 => (TOPIC, Some("picking")),
+                1 => (TOPIC, Some("shipped")),
+                _ => ("delivery.confirmed", None),
+            };
+            let event_id = format!("{order}-step{step}");
+            out.push((
+                topic.to_string(),
+                order,
+                event_id,
+                status.map(str::to_string),
+            ));
+        }
+    }
+    out.sort_by_key(|e| e.2.rsplit("step").next().unwrap().to_string());
+    out
+}
+
+async fn publish_events(b: &Bench, events: &[(String, String, String, Option<String>)]) {
+    b.clear_streams().await;
+    let mut conn = b.redis().await;
+    for chunk in events.chunks(2000) {
+        let mut pipe = redis::pipe();
+        for (topic, order, id, status) in chunk {
+            let data = match status {
+                Some(s) => {
+                    serde_json::json!({"event_type": topic, "fulfillment_id": format!("f-{order}"), "order_id": order, "new_status": s, "timestamp": "2026-11-22T08:00:00Z"})
+                }
+                None => {
+                    serde_json::json!({"event_type": topic, "order_id": order, "timestamp": "2026-11-22T08:00:00Z"})
+                }
+            };
+            let env = serde_json::json!({"specversion": "1.0", "id": id, "source": "bench", "type": topic, "subject": order,
+                "time": "2026-11-22T08:00:00.000000Z", "datacontenttype": "application/json", "data": data});
+            pipe.cmd("XADD")
+                .arg(format!("{}{topic}", b.prefix))
+                .arg("*")
+                .arg("data")
+                .arg(env.to_string())
+                .ignore();
+        }
+        let () = pipe.query_async(&mut conn).await.unwrap();
+    }
+}
+
+async fn reset_orders(client: &tokio_postgres::Client, orders: u64) {
+    client
+        .batch_execute("TRUNCATE orders, order_fulfillments, order_status_history, inbox, outbox")
+        .await
+        .unwrap();
+    client
+        .execute(
+            "INSERT INTO orders (id, status) SELECT 'order-' || g, 'confirmed' FROM generate_series(0, $1::bigint - 1) g",
+            &[&(orders as i64)],
+        )
+        .await
+        .unwrap();
+    client.batch_execute("VACUUM ANALYZE orders").await.unwrap();
+}
+
+async fn consume_run(b: &Bench, orders: u64, events: u64) -> f64 {
+    let client = connect(&b.url).await;
+    reset_orders(&client, orders).await;
+    let evs = consume_events(orders, events);
+    publish_events(b, &evs).await;
+    let (ok, out) = b.outboxd(&["consume", "--once"]);
+    assert!(ok, "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("consume order-status"))
+        .unwrap()
+        .to_string();
+    eprintln!("  {line}");
+    let delivered = client
+        .query_one(
+            "SELECT count(*) FROM orders WHERE status = 'delivered'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(delivered as u64, orders, "every order delivered");
+    summary_rate(&line)
+}
+
+/// The same inbox inserts and order updates as plain SQL, in the same batches, without Redis.
+async fn consume_limit_run(b: &Bench, orders: u64, events: u64) -> f64 {
+    let client = connect(&b.url).await;
+    reset_orders(&client, orders).await;
+    let evs = consume_events(orders, events);
+    let insert = client
+        .prepare(
+            "INSERT INTO inbox (consumer, event_id, stream, entry_id, data_hash)
+             SELECT 'limit', e, 's', '0-0', 0 FROM unnest($1::text[]) e
+             ON CONFLICT DO NOTHING RETURNING event_id",
+        )
+        .await
+        .unwrap();
+    let update = client
+        .prepare("UPDATE orders SET status = $2, updated_at = now() WHERE id = $1")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    for chunk in evs.chunks(CONSUME_BATCH) {
+        client.batch_execute("BEGIN").await.unwrap();
+        let ids: Vec<&str> = chunk.iter().map(|e| e.2.as_str()).collect();
+        let new: std::collections::HashSet<String> = client
+            .query(&insert, &[&ids])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for (_, order, id, status) in chunk {
+            if new.contains(id) {
+                let to = match status.as_deref() {
+                    Some("picking") => "processing",
+                    Some(_) => "shipped",
+                    None => "delivered",
+                };
+                client.execute(&update, &[order, &to]).await.unwrap();
+            }
+        }
+        client.batch_execute("COMMIT").await.unwrap();
+    }
+    events as f64 / started.elapsed().as_secs_f64()
+}
+
+fn epoch_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Returns (publish p50 ms, publish p99 ms, end-to-end p99 ms).
+async fn latency_run(b: &Bench, seconds: u64) -> (f64, f64, f64) {
+    const RATE: u64 = 2000;
+    let total = RATE * seconds;
+    let client = connect(&b.url).await;
+    reset_orders(&client, 0).await;
+    client
+        .execute(
+            "INSERT INTO orders (id, status) SELECT 'lat-' || g, 'confirmed' FROM generate_series(0, $1::bigint - 1) g",
+            &[&(total as i64)],
+        )
+        .await
+        .unwrap();
+    client.batch_execute("VACUUM ANALYZE orders").await.unwrap();
+    b.clear_streams().await;
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_outboxd"))
+        .arg("--config")
+        .arg(&b.config)
+        .arg("run")
+        .env("OUTBOXD_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // two producers, each committing every other event at 1,000/s
+    let started = Instant::now();
+    let mut producers = Vec::new();
+    for p in 0..2u64 {
+        let url = b.url.clone();
+        producers.push(tokio::spawn(async move {
+            let c = connect(&url).await;
+            let insert = c
+                .prepare(
+                    "INSERT INTO outbox (topic, aggregate_id, payload) VALUES ($1, $2, jsonb_build_object(
+                       'event_type', $1::text, 'fulfillment_id', 'f-' || $2::text, 'order_id', $2::text,
+                       'new_status', 'picking', 'seq', $3::bigint))",
+                )
+                .await
+                .unwrap();
+            let mut commits = Vec::new();
+            let mut i = p;
+            while i < total {
+                let due = started + Duration::from_micros(i * 1_000_000 / RATE);
+                tokio::time::sleep_until(due.into()).await;
+                let order = format!("lat-{i}");
+                c.execute(&insert, &[&TOPIC, &order, &(i as i64)]).await.unwrap();
+                commits.push((i, epoch_now()));
+                i += 2;
+            }
+            commits
+        }));
+    }
+    let mut committed = vec![0f64; total as usize];
+    for p in producers {
+        for (i, t) in p.await.unwrap() {
+            committed[i as usize] = t;
+        }
+    }
+    let produce_secs = started.elapsed().as_secs_f64();
+    // wait for every effect
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let done: i64 = client
+            .query_one("SELECT count(*) FROM order_status_history", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if done as u64 >= total || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(daemon.id().to_string())
+        .status();
+    let _ = daemon.wait();
+    // publish latency from the entry IDs (Redis's clock, ms)
+    let mut conn = b.redis().await;
+    let key = format!("{}{TOPIC}", b.prefix);
+    let mut publish = Vec::with_capacity(total as usize);
+    let mut start = "-".to_string();
+    loop {
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(&key)
+            .arg(&start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(5000)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let Some(last) = reply.ids.last() else { break };
+        start = format!("({}", last.id);
+        for e in &reply.ids {
+            let data: Vec<u8> = e.get("data").unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&data).unwrap();
+            let seq = v["data"]["seq"].as_u64().unwrap() as usize;
+            let ms: f64 = e.id.split('-').next().unwrap().parse().unwrap();
+            publish.push(((ms / 1000.0 - committed[seq]) * 1000.0).max(0.0));
+        }
+    }
+    let mut e2e: Vec<f64> = client
+        .query(
+            "SELECT split_part(order_id, '-', 2)::int, extract(epoch FROM created_at)::float8 FROM order_status_history",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let seq: i32 = r.get(0);
+            let t: f64 = r.get(1);
+            ((t - committed[seq as usize]) * 1000.0).max(0.0)
+        })
+        .collect();
+    publish.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    e2e.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    eprintln!(
+        "  latency: {} events in {produce_secs:.1} s; publish p50 {:.1} ms p99 {:.1} ms; end-to-end p50 {:.1} ms p99 {:.1} ms ({} effects)",
+        total,
+        percentile(&publish, 0.5),
+        percentile(&publish, 0.99),
+        percentile(&e2e, 0.5),
+        percentile(&e2e, 0.99),
+        e2e.len()
+    );
+    assert_eq!(e2e.len() as u64, total, "every event had its effect");
+    (
+        percentile(&publish, 0.5),
+        percentile(&publish, 0.99),
+        percentile(&e2e, 0.99),
+    )
+}
+
+#[tokio::main]
+async fn main() {
+    let relay_rows = env_num("BENCH_RELAY_ROWS", 200_000) as i64;
+    let events = env_num("BENCH_CONSUME_EVENTS", 100_000);
+    let orders = (events / 10).max(1);
+    let runs = env_num("BENCH_RUNS", 3).max(1);
+    let b = Bench::new().await;
+    eprintln!("pipeline bench: {relay_rows} relay rows, {events} consume events, {runs} runs, database {}", b.db);
+    let (mut relay, mut relay_limit, mut consume, mut consume_limit, mut rss) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let latency_seconds = env_num("BENCH_LATENCY_SECONDS", 20);
+    let (mut lat50, mut lat99, mut e2e99) = (vec![], vec![], vec![]);
+    for run in 0..runs {
+        eprintln!("run {}", run + 1);
+        if only.is_empty() || only == "relay" {
+            let (rate, peak) = relay_run(&b, relay_rows).await;
+            relay.push(rate);
+            rss.push(peak);
+            relay_limit.push(relay_limit_run(&b, relay_rows).await);
+        }
+        if only != "relay" && only != "latency" {
+            consume.push(consume_run(&b, orders, events).await);
+            consume_limit.push(consume_limit_run(&b, orders, events).await);
+        }
+        if only.is_empty() || only == "latency" {
+            let (p50, p99, e99) = latency_run(&b, latency_seconds).await;
+            lat50.push(p50);
+            lat99.push(p99);
+            e2e99.push(e99);
+        }
+    }
+    for v in [
+        &mut relay,
+        &mut relay_limit,
+        &mut consume,
+        &mut consume_limit,
+        &mut rss,
+    ] {
+        if v.is_empty() {
+            v.push(0.0);
+        }
+    }
+    b.clear_streams().await;
+    let admin = connect(&pg_admin()).await;
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", b.db))
+        .await
+        .unwrap();
+    let _ = std::fs::remove_file(&b.config);
+    let (r, rl, c, cl, m) = (
+        median(&mut relay.clone()),
+        median(&mut relay_limit.clone()),
+        median(&mut consume.clone()),
+        median(&mut consume_limit.clone()),
+        median(&mut rss.clone()),
+    );
+    let result = serde_json::json!({
+        "relay_events_per_sec": r.round(),
+        "relay_limit_events_per_sec": rl.round(),
+        "relay_ratio": if rl > 0.0 { (r / rl * 100.0).round() / 100.0 } else { 0.0 },
+        "consume_events_per_sec": c.round(),
+        "consume_limit_events_per_sec": cl.round(),
+        "consume_ratio": if cl > 0.0 { (c / cl * 100.0).round() / 100.0 } else { 0.0 },
+        "latency_p50_ms": (median(&mut lat50.clone()) * 10.0).round() / 10.0,
+        "latency_p99_ms": (median(&mut lat99.clone()) * 10.0).round() / 10.0,
+        "e2e_p99_ms": (median(&mut e2e99.clone()) * 10.0).round() / 10.0,
+        "peak_rss_mb": (m * 10.0).round() / 10.0,
+        "runs": runs,
+        "spread": {
+            "relay": (spread(&relay) * 100.0).round() / 100.0,
+            "relay_limit": (spread(&relay_limit) * 100.0).round() / 100.0,
+            "consume": (spread(&consume) * 100.0).round() / 100.0,
+            "consume_limit": (spread(&consume_limit) * 100.0).round() / 100.0,
+        },
+        "relay_rows": relay_rows,
+        "consume_events": events,
+    });
+    println!("{result}");
+}

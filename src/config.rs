@@ -1,0 +1,976 @@
+//! Configuration: the TOML file of SPEC section 6, the `OUTBOXD_*` environment on top of it,
+//! named defaults for every field, and `validate()`, whose errors name the offending key.
+//!
+//! Precedence is file < environment < command-line flag. The command-line flags that carry
+//! configuration are declared with clap's `env` attribute (so clap already resolves flag over
+//! environment); this module applies the rest of the environment (`OUTBOXD_DATABASES_<NAME>_URL`)
+//! and whatever the flags resolved to, on top of the file.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+/// A configuration problem: which key, and what is wrong with it. Exits 2.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration error: {key}: {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub redis: RedisConfig,
+    /// Named PostgreSQL databases; relays and consumers refer to them by name.
+    #[serde(default)]
+    pub databases: BTreeMap<String, DatabaseConfig>,
+    #[serde(default)]
+    pub relays: Vec<RelayConfig>,
+    #[serde(default)]
+    pub consumers: Vec<ConsumerConfig>,
+    #[serde(default)]
+    pub http: HttpConfig,
+    /// Per-topic options (partitioning).
+    #[serde(default)]
+    pub topics: Vec<TopicConfig>,
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://` or `rediss://` URL of a single Redis server.
+    #[serde(default = "defaults::redis_url")]
+    pub url: String,
+    /// Prepended to every stream key.
+    #[serde(default)]
+    pub stream_prefix: String,
+    /// How long one Redis command (or pipeline) may take before it counts as failed.
+    #[serde(default = "defaults::redis_response_timeout_ms")]
+    pub response_timeout_ms: u64,
+    /// How long establishing a connection may take.
+    #[serde(default = "defaults::redis_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: defaults::redis_url(),
+            stream_prefix: String::new(),
+            response_timeout_ms: defaults::redis_response_timeout_ms(),
+            connect_timeout_ms: defaults::redis_connect_timeout_ms(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `postgres://` connection URL (or a key=value connection string).
+    pub url: String,
+    /// Connections in this database's pool.
+    #[serde(default = "defaults::pool_size")]
+    pub pool_size: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Name of a `[databases.NAME]` entry.
+    pub database: String,
+    /// Outbox table, optionally schema-qualified (`schema.table`).
+    #[serde(default = "defaults::outbox_table")]
+    pub table: String,
+    /// Rows claimed and published per transaction.
+    #[serde(default = "defaults::relay_batch_size")]
+    pub batch_size: u32,
+    /// Fallback poll interval when no NOTIFY arrives.
+    #[serde(default = "defaults::relay_poll_interval_ms")]
+    pub poll_interval_ms: u64,
+    /// After a NOTIFY, wait this long for more rows before claiming, so that a stream of
+    /// single-row transactions is relayed in batches instead of one batch per row.
+    #[serde(default = "defaults::linger_ms")]
+    pub linger_ms: u64,
+    /// Failed publish attempts of one row before it is quarantined.
+    #[serde(default = "defaults::relay_max_attempts")]
+    pub max_attempts: u32,
+    /// Largest CloudEvents envelope published; a larger row is a row fault.
+    #[serde(default = "defaults::relay_max_entry_bytes")]
+    pub max_entry_bytes: usize,
+    /// CloudEvents `source`; default `outboxd/<database>`.
+    #[serde(default)]
+    pub source: Option<String>,
+    /// Keep published rows this long in `<table>_archive` for `outboxd replay`; 0 deletes
+    /// them at once. This is the replay window: inbox retention must be longer.
+    #[serde(default)]
+    pub archive_retention_hours: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerConfig {
+    /// Inbox consumer name, also the Redis consumer group.
+    pub name: String,
+    /// Name of a `[databases.NAME]` entry.
+    pub database: String,
+    /// Topics (stream keys before the prefix) this consumer reads.
+    pub streams: Vec<String>,
+    /// `order_status` or `sql`.
+    pub handler: String,
+    /// For `handler = "sql"`: the function called as `SELECT function($1::jsonb)`.
+    #[serde(default)]
+    pub function: Option<String>,
+    /// Deliveries of one entry before it is dead-lettered.
+    #[serde(default = "defaults::consumer_max_deliveries")]
+    pub max_deliveries: u32,
+    /// Entries read and applied per transaction.
+    #[serde(default = "defaults::consumer_batch_size")]
+    pub batch_size: u32,
+    /// How long one blocking read waits for new entries.
+    #[serde(default = "defaults::consumer_block_ms")]
+    pub block_ms: u64,
+    /// When a read returns a small batch, wait this long and read once more before applying,
+    /// so that a trickle of entries is applied in batches rather than one transaction each.
+    #[serde(default = "defaults::linger_ms")]
+    pub linger_ms: u64,
+    /// Pending entries idle longer than this are claimed from other consumers.
+    #[serde(default = "defaults::consumer_claim_idle_ms")]
+    pub claim_idle_ms: u64,
+    /// This instance's consumer name in the group; default `<host>-<pid>`.
+    #[serde(default)]
+    pub consumer_name: Option<String>,
+    /// Inbox table, optionally schema-qualified.
+    #[serde(default = "defaults::inbox_table")]
+    pub inbox_table: String,
+    /// Outbox table of this database that `order.status_changed` events are written to.
+    #[serde(default = "defaults::outbox_table")]
+    pub outbox_table: String,
+    /// Where the `order_status` handler finds orders.
+    #[serde(default)]
+    pub orders: OrdersTableConfig,
+    /// Overrides of the fulfillment status -> order status mapping.
+    #[serde(default)]
+    pub status_mapping: BTreeMap<String, String>,
+    /// The daemon deletes inbox rows older than this; 0 keeps them. An inbox row is the only
+    /// memory that an event was applied, so this must be longer than any redelivery or replay
+    /// can reach back: longer than every relay's archive_retention_hours and the max_age_hours
+    /// of this consumer's streams (validated).
+    #[serde(default)]
+    pub inbox_retention_hours: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrdersTableConfig {
+    #[serde(default = "defaults::orders_table")]
+    pub table: String,
+    #[serde(default = "defaults::orders_id_column")]
+    pub id_column: String,
+    #[serde(default = "defaults::orders_status_column")]
+    pub status_column: String,
+    #[serde(default = "defaults::orders_updated_at_column")]
+    pub updated_at_column: String,
+}
+
+impl Default for OrdersTableConfig {
+    fn default() -> Self {
+        OrdersTableConfig {
+            table: defaults::orders_table(),
+            id_column: defaults::orders_id_column(),
+            status_column: defaults::orders_status_column(),
+            updated_at_column: defaults::orders_updated_at_column(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address of the /metrics, /healthz, /readyz endpoint; empty disables it.
+    #[serde(default = "defaults::http_listen")]
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: defaults::http_listen(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicConfig {
+    pub name: String,
+    /// Streams per topic, chosen by a stable hash of `aggregate_id`.
+    #[serde(default)]
+    pub partitions: Option<u32>,
+    /// The daemon trims the stream toward this many entries...
+    #[serde(default)]
+    pub max_len: Option<u64>,
+    /// ...and/or this age, but never removes an entry a consumer group has not acknowledged.
+    #[serde(default)]
+    pub max_age_hours: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// After SIGTERM/SIGINT, how long the batch in hand may take before the process exits.
+    #[serde(default = "defaults::shutdown_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            timeout_ms: defaults::shutdown_timeout_ms(),
+        }
+    }
+}
+
+/// Named defaults, one function per field so serde and the docs agree.
+pub mod defaults {
+    pub fn redis_url() -> String {
+        "redis://127.0.0.1:6379".into()
+    }
+    pub fn redis_response_timeout_ms() -> u64 {
+        5_000
+    }
+    pub fn redis_connect_timeout_ms() -> u64 {
+        5_000
+    }
+    pub fn pool_size() -> usize {
+        8
+    }
+    pub fn outbox_table() -> String {
+        "outbox".into()
+    }
+    pub fn inbox_table() -> String {
+        "inbox".into()
+    }
+    pub fn relay_batch_size() -> u32 {
+        1_000
+    }
+    pub fn relay_poll_interval_ms() -> u64 {
+        1_000
+    }
+    pub fn linger_ms() -> u64 {
+        2
+    }
+    pub fn relay_max_attempts() -> u32 {
+        5
+    }
+    pub fn relay_max_entry_bytes() -> usize {
+        8 * 1024 * 1024
+    }
+    pub fn consumer_max_deliveries() -> u32 {
+        5
+    }
+    pub fn consumer_batch_size() -> u32 {
+        200
+    }
+    pub fn consumer_block_ms() -> u64 {
+        2_000
+    }
+    pub fn consumer_claim_idle_ms() -> u64 {
+        30_000
+    }
+    pub fn orders_table() -> String {
+        "orders".into()
+    }
+    pub fn orders_id_column() -> String {
+        "id".into()
+    }
+    pub fn orders_status_column() -> String {
+        "status".into()
+    }
+    pub fn orders_updated_at_column() -> String {
+        "updated_at".into()
+    }
+    pub fn http_listen() -> String {
+        "127.0.0.1:9464".into()
+    }
+    pub fn shutdown_timeout_ms() -> u64 {
+        30_000
+    }
+}
+
+/// Values that override the file, as resolved by the command line (flag, else environment).
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub redis_url: Option<String>,
+    pub stream_prefix: Option<String>,
+    pub http_listen: Option<String>,
+}
+
+impl Config {
+    /// Reads the file (if any), applies the environment and the overrides, and validates.
+    pub fn load(
+        path: Option<&Path>,
+        overrides: &Overrides,
+        env: &[(String, String)],
+    ) -> Result<Config, ConfigError> {
+        let mut config = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError::new("--config", format!("cannot read {}: {e}", path.display()))
+                })?;
+                Config::parse(&text).map_err(|mut e| {
+                    e.key = format!("{}: {}", path.display(), e.key);
+                    e
+                })?
+            }
+            None => Config::default(),
+        };
+        config.apply_env(env)?;
+        if let Some(url) = &overrides.redis_url {
+            config.redis.url = url.clone();
+        }
+        if let Some(prefix) = &overrides.stream_prefix {
+            config.redis.stream_prefix = prefix.clone();
+        }
+        if let Some(listen) = &overrides.http_listen {
+            config.http.listen = listen.clone();
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text; unknown keys and wrong types are errors naming the key.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let key = match e.span() {
+                Some(span) => key_at(text, span.start),
+                None => "config".into(),
+            };
+            ConfigError::new(key, e.message().to_string())
+        })
+    }
+
+    /// `OUTBOXD_DATABASES_<NAME>_URL` sets (or adds) a database URL; `<NAME>` is matched
+    /// case-insensitively against the configured names.
+    fn apply_env(&mut self, env: &[(String, String)]) -> Result<(), ConfigError> {
+        for (key, value) in env {
+            let Some(rest) = key.strip_prefix("OUTBOXD_DATABASES_") else {
+                continue;
+            };
+            let Some(name) = rest.strip_suffix("_URL") else {
+                return Err(ConfigError::new(
+                    key.clone(),
+                    "unknown variable (expected OUTBOXD_DATABASES_<NAME>_URL)",
+                ));
+            };
+            let lower = name.to_ascii_lowercase();
+            let existing = self
+                .databases
+                .keys()
+                .find(|k| k.eq_ignore_ascii_case(name))
+                .cloned();
+            match existing {
+                Some(k) => {
+                    if let Some(db) = self.databases.get_mut(&k) {
+                        db.url = value.clone();
+                    }
+                }
+                None => {
+                    self.databases.insert(
+                        lower,
+                        DatabaseConfig {
+                            url: value.clone(),
+                            pool_size: defaults::pool_size(),
+                        },
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Rejects what cannot work, naming the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let r = &self.redis;
+        if r.url.is_empty() {
+            return Err(ConfigError::new("redis.url", "must not be empty"));
+        }
+        if !(r.url.starts_with("redis://")
+            || r.url.starts_with("rediss://")
+            || r.url.starts_with("unix://"))
+        {
+            return Err(ConfigError::new(
+                "redis.url",
+                format!("{} is not a redis:// or rediss:// URL", redact_url(&r.url)),
+            ));
+        }
+        validate_text("redis.stream_prefix", &r.stream_prefix, 200, true)?;
+        positive("redis.response_timeout_ms", r.response_timeout_ms)?;
+        positive("redis.connect_timeout_ms", r.connect_timeout_ms)?;
+        for (name, db) in &self.databases {
+            let key = format!("databases.{name}");
+            validate_identifier(&key, name)?;
+            if db.url.trim().is_empty() {
+                return Err(ConfigError::new(format!("{key}.url"), "missing URL"));
+            }
+            let parsed = db.url.parse::<tokio_postgres::Config>().map_err(|e| {
+                ConfigError::new(
+                    format!("{key}.url"),
+                    format!(
+                        "{} is not a valid connection string: {e}",
+                        redact_url(&db.url)
+                    ),
+                )
+            })?;
+            if parsed.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+                return Err(ConfigError::new(
+                    format!("{key}.url"),
+                    "sslmode=require: TLS to PostgreSQL is not supported by this version yet (use sslmode=prefer or disable)",
+                ));
+            }
+            if db.pool_size == 0 || db.pool_size > 1000 {
+                return Err(ConfigError::new(
+                    format!("{key}.pool_size"),
+                    "must be between 1 and 1000",
+                ));
+            }
+        }
+        for (i, relay) in self.relays.iter().enumerate() {
+            let key = format!("relays[{i}]");
+            self.known_database(&format!("{key}.database"), &relay.database)?;
+            validate_table_name(&format!("{key}.table"), &relay.table)?;
+            if relay.batch_size == 0 || relay.batch_size > 100_000 {
+                return Err(ConfigError::new(
+                    format!("{key}.batch_size"),
+                    "must be between 1 and 100000",
+                ));
+            }
+            positive(&format!("{key}.poll_interval_ms"), relay.poll_interval_ms)?;
+            if relay.linger_ms > 1000 {
+                return Err(ConfigError::new(
+                    format!("{key}.linger_ms"),
+                    "must be at most 1000",
+                ));
+            }
+            positive(
+                &format!("{key}.max_attempts"),
+                u64::from(relay.max_attempts),
+            )?;
+            if relay.max_entry_bytes < 1024 || relay.max_entry_bytes > 512 * 1024 * 1024 {
+                return Err(ConfigError::new(
+                    format!("{key}.max_entry_bytes"),
+                    "must be between 1024 and 536870912",
+                ));
+            }
+            if relay.archive_retention_hours > 24 * 366 {
+                return Err(ConfigError::new(
+                    format!("{key}.archive_retention_hours"),
+                    "must be at most 8784 (a year)",
+                ));
+            }
+            if let Some(source) = &relay.source {
+                validate_text(&format!("{key}.source"), source, 1000, false)?;
+            }
+            let duplicate = self.relays[..i]
+                .iter()
+                .any(|o| o.database == relay.database && o.table == relay.table);
+            if duplicate {
+                return Err(ConfigError::new(
+                    key,
+                    format!(
+                        "relays the table {} of database {} a second time",
+                        relay.table, relay.database
+                    ),
+                ));
+            }
+        }
+        for (i, consumer) in self.consumers.iter().enumerate() {
+            let key = format!("consumers[{i}]");
+            validate_text(&format!("{key}.name"), &consumer.name, 200, false)?;
+            self.known_database(&format!("{key}.database"), &consumer.database)?;
+            if consumer.streams.is_empty() {
+                return Err(ConfigError::new(
+                    format!("{key}.streams"),
+                    "must name at least one stream",
+                ));
+            }
+            for (j, stream) in consumer.streams.iter().enumerate() {
+                validate_topic(&format!("{key}.streams[{j}]"), stream)?;
+            }
+            match consumer.handler.as_str() {
+                "order_status" => {}
+                "sql" => match &consumer.function {
+                    Some(f) => validate_table_name(&format!("{key}.function"), f)?,
+                    None => return Err(ConfigError::new(
+                        format!("{key}.function"),
+                        "handler = \"sql\" needs function = \"<name of a PostgreSQL function>\"",
+                    )),
+                },
+                other => {
+                    return Err(ConfigError::new(
+                        format!("{key}.handler"),
+                        format!("unknown handler {other:?} (expected \"order_status\" or \"sql\")"),
+                    ))
+                }
+            }
+            positive(
+                &format!("{key}.max_deliveries"),
+                u64::from(consumer.max_deliveries),
+            )?;
+            if consumer.batch_size == 0 || consumer.batch_size > 10_000 {
+                return Err(ConfigError::new(
+                    format!("{key}.batch_size"),
+                    "must be between 1 and 10000",
+                ));
+            }
+            positive(&format!("{key}.block_ms"), consumer.block_ms)?;
+            if consumer.linger_ms > 1000 {
+                return Err(ConfigError::new(
+                    format!("{key}.linger_ms"),
+                    "must be at most 1000",
+                ));
+            }
+            positive(&format!("{key}.claim_idle_ms"), consumer.claim_idle_ms)?;
+            if let Some(name) = &consumer.consumer_name {
+                validate_text(&format!("{key}.consumer_name"), name, 200, false)?;
+            }
+            validate_table_name(&format!("{key}.inbox_table"), &consumer.inbox_table)?;
+            validate_table_name(&format!("{key}.outbox_table"), &consumer.outbox_table)?;
+            let o = &consumer.orders;
+            validate_table_name(&format!("{key}.orders.table"), &o.table)?;
+            validate_identifier(&format!("{key}.orders.id_column"), &o.id_column)?;
+            validate_identifier(&format!("{key}.orders.status_column"), &o.status_column)?;
+            validate_identifier(
+                &format!("{key}.orders.updated_at_column"),
+                &o.updated_at_column,
+            )?;
+            crate::handlers::rules::StatusMapping::with_overrides(
+                consumer
+                    .status_mapping
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            )
+            .map_err(|message| ConfigError::new(format!("{key}.status_mapping"), message))?;
+            if consumer.inbox_retention_hours > 0 {
+                let replay = self
+                    .relays
+                    .iter()
+                    .map(|r| r.archive_retention_hours)
+                    .max()
+                    .unwrap_or(0);
+                let stream_age = self
+                    .topics
+                    .iter()
+                    .filter(|t| consumer.streams.contains(&t.name))
+                    .filter_map(|t| t.max_age_hours)
+                    .max()
+                    .unwrap_or(0);
+                let horizon = replay.max(stream_age).max(24);
+                if consumer.inbox_retention_hours <= horizon {
+                    return Err(ConfigError::new(
+                        format!("{key}.inbox_retention_hours"),
+                        format!(
+                            "{} hours is not longer than the redelivery horizon of {horizon} hours (relays' archive_retention_hours, the streams' max_age_hours, at least 24): an event redelivered after its inbox row is gone would apply twice",
+                            consumer.inbox_retention_hours
+                        ),
+                    ));
+                }
+            }
+            if self.consumers[..i].iter().any(|o| o.name == consumer.name) {
+                return Err(ConfigError::new(
+                    format!("{key}.name"),
+                    format!("consumer name {:?} is used twice", consumer.name),
+                ));
+            }
+        }
+        if !self.http.listen.is_empty() {
+            self.http
+                .listen
+                .parse::<std::net::SocketAddr>()
+                .map_err(|e| {
+                    ConfigError::new(
+                        "http.listen",
+                        format!(
+                            "{:?} is not an address like 127.0.0.1:9464: {e}",
+                            self.http.listen
+                        ),
+                    )
+                })?;
+        }
+        for (i, topic) in self.topics.iter().enumerate() {
+            validate_topic(&format!("topics[{i}].name"), &topic.name)?;
+            if let Some(p) = topic.partitions {
+                if p == 0 || p > 1024 {
+                    return Err(ConfigError::new(
+                        format!("topics[{i}].partitions"),
+                        "must be between 1 and 1024",
+                    ));
+                }
+            }
+            if self.topics[..i].iter().any(|t| t.name == topic.name) {
+                return Err(ConfigError::new(
+                    format!("topics[{i}].name"),
+                    format!("topic {:?} is configured twice", topic.name),
+                ));
+            }
+        }
+        positive("shutdown.timeout_ms", self.shutdown.timeout_ms)?;
+        Ok(())
+    }
+
+    fn known_database(&self, key: &str, name: &str) -> Result<(), ConfigError> {
+        if self.databases.contains_key(name) {
+            return Ok(());
+        }
+        let known: Vec<&str> = self.databases.keys().map(String::as_str).collect();
+        Err(ConfigError::new(
+            key,
+            format!(
+                "unknown database {name:?} (configured: {})",
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            ),
+        ))
+    }
+
+    pub fn database(&self, name: &str) -> Result<&DatabaseConfig, ConfigError> {
+        self.databases
+            .get(name)
+            .ok_or_else(|| ConfigError::new(format!("databases.{name}"), "not configured"))
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown.timeout_ms)
+    }
+}
+
+/// Names the TOML key at a byte offset: `table.key (line N)`, from the nearest `[table]`
+/// header above and the `key =` on that line.
+fn key_at(text: &str, offset: usize) -> String {
+    let offset = offset.min(text.len());
+    let line_no = text[..offset].matches('\n').count() + 1;
+    let lines: Vec<&str> = text.lines().collect();
+    let Some(line) = lines.get(line_no - 1) else {
+        return format!("line {line_no}");
+    };
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim().trim_matches('"'));
+    let table = lines[..line_no - 1]
+        .iter()
+        .rev()
+        .map(|l| l.trim())
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim());
+    match (table, key) {
+        (Some(t), Some(k)) if !k.is_empty() => format!("{t}.{k} (line {line_no})"),
+        (None, Some(k)) if !k.is_empty() => format!("{k} (line {line_no})"),
+        _ => format!("line {line_no}"),
+    }
+}
+
+fn positive(key: &str, value: u64) -> Result<(), ConfigError> {
+    if value == 0 {
+        return Err(ConfigError::new(key, "must be greater than 0"));
+    }
+    Ok(())
+}
+
+fn validate_text(key: &str, value: &str, max: usize, empty_ok: bool) -> Result<(), ConfigError> {
+    if value.is_empty() && !empty_ok {
+        return Err(ConfigError::new(key, "must not be empty"));
+    }
+    if value.len() > max {
+        return Err(ConfigError::new(
+            key,
+            format!("is {} bytes long; at most {max} allowed", value.len()),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(ConfigError::new(key, "must not contain control characters"));
+    }
+    Ok(())
+}
+
+/// A topic becomes a stream key: printable, no spaces, bounded.
+pub fn validate_topic(key: &str, topic: &str) -> Result<(), ConfigError> {
+    validate_text(key, topic, 200, false)?;
+    if topic.chars().any(char::is_whitespace) {
+        return Err(ConfigError::new(
+            key,
+            format!("{topic:?} contains white space"),
+        ));
+    }
+    Ok(())
+}
+
+/// A plain SQL identifier: letters, digits and `_`, not starting with a digit, at most 63
+/// bytes. Everything outboxd splices into SQL passes this check and is then quoted too.
+pub fn validate_identifier(key: &str, ident: &str) -> Result<(), ConfigError> {
+    let ok = !ident.is_empty()
+        && ident.len() <= 63
+        && ident
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && ident.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::new(
+            key,
+            format!(
+                "{:?} is not a valid identifier (letters, digits and _, not starting with a digit, at most 63 characters)",
+                truncate(ident, 80)
+            ),
+        ))
+    }
+}
+
+/// `table` or `schema.table`, each part an identifier.
+pub fn validate_table_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    let mut parts = name.split('.');
+    let (first, second, rest) = (parts.next(), parts.next(), parts.next());
+    match (first, second, rest) {
+        (Some(t), None, None) => validate_identifier(key, t),
+        (Some(s), Some(t), None) => {
+            validate_identifier(key, s)?;
+            validate_identifier(key, t)
+        }
+        _ => Err(ConfigError::new(
+            key,
+            format!("{:?} must be table or schema.table", truncate(name, 80)),
+        )),
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
+
+/// A URL (or key=value connection string) with any password replaced by `***`, for logs,
+/// errors and `status`.
+pub fn redact_url(url: &str) -> String {
+    if let Some(scheme_end) = url.find("://") {
+        let after = &url[scheme_end + 3..];
+        let authority_end = after.find(['/', '?', '#']).unwrap_or(after.len());
+        let authority = &after[..authority_end];
+        let mut out = String::with_capacity(url.len());
+        out.push_str(&url[..scheme_end + 3]);
+        match authority.rfind('@') {
+            Some(at) => {
+                let userinfo = &authority[..at];
+                match userinfo.find(':') {
+                    Some(colon) => {
+                        out.push_str(&userinfo[..colon]);
+                        out.push_str(":***");
+                    }
+                    None => out.push_str(userinfo),
+                }
+                out.push_str(&authority[at..]);
+            }
+            None => out.push_str(authority),
+        }
+        let rest = &after[authority_end..];
+        out.push_str(&redact_query_password(rest));
+        out
+    } else {
+        // key=value form: blank out password=...
+        url.split_whitespace()
+            .map(|kv| {
+                if kv.to_ascii_lowercase().starts_with("password=") {
+                    "password=***".to_string()
+                } else {
+                    kv.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+fn redact_query_password(rest: &str) -> String {
+    let Some(q) = rest.find('?') else {
+        return rest.to_string();
+    };
+    let (path, query) = rest.split_at(q + 1);
+    let params: Vec<String> = query
+        .split('&')
+        .map(|p| {
+            if p.to_ascii_lowercase().starts_with("password=") {
+                "password=***".to_string()
+            } else {
+                p.to_string()
+            }
+        })
+        .collect();
+    format!("{path}{}", params.join("&"))
+}
+
+/// Parses `250ms`, `30s`, `5m`, `2h`, `7d` (a bare number is seconds).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 30s, 5m, 2h or 7d"))?;
+    let seconds = match unit.trim() {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" | "min" => value * 60.0,
+        "h" => value * 3600.0,
+        "d" => value * 86_400.0,
+        other => {
+            return Err(format!(
+                "{text:?} has an unknown unit {other:?} (use ms, s, m, h or d)"
+            ))
+        }
+    };
+    if !seconds.is_finite() || !(0.0..=10.0 * 365.0 * 86_400.0).contains(&seconds) {
+        return Err(format!("{text:?} is out of range"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn minimal() -> &'static str {
+        r#"
+[databases.fulfillment]
+url = "postgres://root@127.0.0.1/fulfillment"
+[[relays]]
+database = "fulfillment"
+"#
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::parse(minimal()).expect("parses");
+        c.validate().expect("valid");
+        assert_eq!(c.relays[0].table, "outbox");
+        assert_eq!(c.relays[0].batch_size, 1000);
+        assert_eq!(c.redis.url, "redis://127.0.0.1:6379");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = Config::parse("[redis]\nurll = \"x\"\n").expect_err("unknown key");
+        assert!(e.message.contains("urll"), "{e}");
+        assert_eq!(e.key, "redis.urll (line 2)");
+        let e = Config::parse("[redis]\nurl = 5\n").expect_err("wrong type");
+        assert_eq!(e.key, "redis.url (line 2)");
+    }
+
+    #[test]
+    fn unknown_database_is_named() {
+        let c = Config::parse("[[relays]]\ndatabase = \"nope\"\n").expect("parses");
+        let e = c.validate().expect_err("unknown db");
+        assert_eq!(e.key, "relays[0].database");
+        assert!(e.message.contains("nope"));
+    }
+
+    #[test]
+    fn injection_in_table_name_is_rejected() {
+        let text = format!("{}table = \"outbox; DROP TABLE orders\"\n", minimal());
+        let e = Config::parse(&text)
+            .expect("parses")
+            .validate()
+            .expect_err("bad table");
+        assert_eq!(e.key, "relays[0].table");
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db:5432/orders?sslmode=require"),
+            "postgres://app:***@db:5432/orders?sslmode=require"
+        );
+        assert_eq!(
+            redact_url("redis://:hunter2@127.0.0.1:6379/0"),
+            "redis://:***@127.0.0.1:6379/0"
+        );
+        assert_eq!(
+            redact_url("host=db user=app password=s3cret"),
+            "host=db user=app password=***"
+        );
+        assert!(!redact_url("postgres://u@h/db?password=zz").contains("zz"));
+    }
+
+    #[test]
+    fn env_sets_database_url() {
+        let mut c = Config::parse(minimal()).expect("parses");
+        c.apply_env(&[(
+            "OUTBOXD_DATABASES_FULFILLMENT_URL".into(),
+            "postgres://root@127.0.0.1/other".into(),
+        )])
+        .expect("applies");
+        assert_eq!(
+            c.databases["fulfillment"].url,
+            "postgres://root@127.0.0.1/other"
+        );
+    }
+
+    #[test]
+    fn shipped_example_configs_are_valid() {
+        for text in [
+            include_str!("../config/outboxd.example.toml"),
+            include_str!("../config/minimal.toml"),
+        ] {
+            Config::parse(text)
+                .expect("parses")
+                .validate()
+                .expect("valid");
+        }
+    }
+
+    #[test]
+    fn unsupported_features_are_refused_not_ignored() {
+        let e = Config::parse("[[topics]]\nname = \"t\"\npartitions = 0\n")
+            .expect("parses")
+            .validate()
+            .expect_err("partitions");
+        assert_eq!(e.key, "topics[0].partitions");
+        let e = Config::parse("[databases.main]\nurl = \"postgres://u@h/d?sslmode=require\"\n")
+            .expect("parses")
+            .validate()
+            .expect_err("tls");
+        assert_eq!(e.key, "databases.main.url");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert!(parse_duration("3 weeks").is_err());
+        assert!(parse_duration("").is_err());
+    }
+}

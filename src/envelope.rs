@@ -1,0 +1,288 @@
+//! The stream entry format of SPEC section 4: a CloudEvents 1.0 JSON envelope in the entry
+//! field `data` (the layout Dapr's `pubsub.redis` writes and reads). Encoding writes the
+//! payload text as it came from PostgreSQL, without parsing it again; decoding also accepts
+//! plain JSON carrying `event_id` or `id`, and refuses (for the dead-letter stream) anything
+//! with no usable event ID.
+
+use serde_json::Value;
+
+/// The fields of one outbox row that go into its envelope.
+#[derive(Debug, Clone, Copy)]
+pub struct Outgoing<'a> {
+    pub event_id: &'a str,
+    pub source: &'a str,
+    pub topic: &'a str,
+    pub aggregate_id: &'a str,
+    /// RFC 3339 UTC time.
+    pub time: &'a str,
+    /// The payload as JSON text (PostgreSQL's `jsonb::text`).
+    pub payload_json: &'a str,
+    pub traceparent: Option<&'a str>,
+}
+
+/// Appends the envelope to `out` (cleared first) and returns its length.
+pub fn encode_into(event: &Outgoing<'_>, out: &mut Vec<u8>) -> usize {
+    out.clear();
+    out.extend_from_slice(b"{\"specversion\":\"1.0\",\"id\":");
+    push_str(out, event.event_id);
+    out.extend_from_slice(b",\"source\":");
+    push_str(out, event.source);
+    out.extend_from_slice(b",\"type\":");
+    push_str(out, event.topic);
+    out.extend_from_slice(b",\"subject\":");
+    push_str(out, event.aggregate_id);
+    out.extend_from_slice(b",\"time\":");
+    push_str(out, event.time);
+    out.extend_from_slice(b",\"datacontenttype\":\"application/json\",\"data\":");
+    out.extend_from_slice(event.payload_json.as_bytes());
+    if let Some(tp) = event.traceparent {
+        out.extend_from_slice(b",\"traceparent\":");
+        push_str(out, tp);
+    }
+    out.push(b'}');
+    out.len()
+}
+
+/// Formats seconds since the Unix epoch as RFC 3339 UTC with microseconds
+/// (`2026-11-22T08:00:00.123456Z`), the form PostgreSQL's `timestamptz` carries.
+pub fn format_rfc3339_micros(epoch_seconds: f64, out: &mut String) {
+    use std::fmt::Write;
+    let micros_total = (epoch_seconds * 1_000_000.0).round() as i64;
+    let secs = micros_total.div_euclid(1_000_000);
+    let micros = micros_total.rem_euclid(1_000_000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // civil-from-days (Howard Hinnant's algorithm)
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    out.clear();
+    let _ = write!(
+        out,
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    );
+}
+
+fn push_str(out: &mut Vec<u8>, s: &str) {
+    // Writing a &str into a Vec cannot fail; serde_json escapes it per RFC 8259.
+    if serde_json::to_writer(&mut *out, s).is_err() {
+        out.extend_from_slice(b"null");
+    }
+}
+
+/// A stream entry understood well enough to be handled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Incoming {
+    pub event_id: String,
+    /// CloudEvents `type`, when the entry had one.
+    pub event_type: Option<String>,
+    /// The event payload (CloudEvents `data`, or the plain JSON object itself).
+    pub data: Value,
+    /// The CloudEvents envelope (built around plain JSON entries), as given to SQL handlers.
+    pub envelope: Value,
+}
+
+/// Why an entry cannot be handled at all: dead-letter it at once.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("entry has no field \"data\"")]
+    NoDataField,
+    #[error("entry data is not UTF-8")]
+    NotUtf8,
+    #[error("entry data is not JSON: {0}")]
+    NotJson(String),
+    #[error("entry data is JSON but not an object")]
+    NotObject,
+    #[error(
+        "entry has no usable event ID (CloudEvents \"id\", or \"event_id\"/\"id\" in plain JSON)"
+    )]
+    NoEventId,
+    #[error("event ID is longer than 512 bytes")]
+    EventIdTooLong,
+}
+
+/// Decodes the `data` field of an entry; `topic` is the stream's topic, used as the
+/// envelope's `type` for plain JSON entries.
+pub fn decode(data: Option<&[u8]>, topic: &str) -> Result<Incoming, DecodeError> {
+    let bytes = data.ok_or(DecodeError::NoDataField)?;
+    let text = std::str::from_utf8(bytes).map_err(|_| DecodeError::NotUtf8)?;
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| DecodeError::NotJson(e.to_string()))?;
+    let Value::Object(map) = value else {
+        return Err(DecodeError::NotObject);
+    };
+    if map.contains_key("specversion") {
+        let id = id_of(map.get("id"))?;
+        let event_type = map.get("type").and_then(Value::as_str).map(str::to_string);
+        // Dapr and others may carry JSON data as a string; accept it when it parses.
+        let data = match map.get("data") {
+            Some(Value::String(s)) => serde_json::from_str(s).unwrap_or(Value::String(s.clone())),
+            Some(v) => v.clone(),
+            None => Value::Null,
+        };
+        return Ok(Incoming {
+            event_id: id,
+            event_type,
+            data,
+            envelope: Value::Object(map),
+        });
+    }
+    let id = match map.get("event_id") {
+        Some(v) => id_of(Some(v))?,
+        None => id_of(map.get("id"))?,
+    };
+    let event_type = map
+        .get("event_type")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let data = Value::Object(map);
+    let envelope = serde_json::json!({
+        "specversion": "1.0",
+        "id": id,
+        "source": "outboxd/plain-json",
+        "type": topic,
+        "datacontenttype": "application/json",
+        "data": data,
+    });
+    Ok(Incoming {
+        event_id: id,
+        event_type,
+        data,
+        envelope,
+    })
+}
+
+fn id_of(v: Option<&Value>) -> Result<String, DecodeError> {
+    let id = match v {
+        Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
+        Some(Value::Number(n)) => n.to_string(),
+        _ => return Err(DecodeError::NoEventId),
+    };
+    if id.len() > 512 {
+        return Err(DecodeError::EventIdTooLong);
+    }
+    Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let mut buf = Vec::new();
+        encode_into(
+            &Outgoing {
+                event_id: "6f1c1f0e-7a43-4d0b-9a55-0b6f5b5c2d11",
+                source: "outboxd/fulfillment",
+                topic: "fulfillment.status_changed",
+                aggregate_id: "order \"1\"",
+                time: "2026-11-22T07:00:00.000000Z",
+                payload_json: r#"{"order_id": "o1", "new_status": "picking"}"#,
+                traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+            },
+            &mut buf,
+        );
+        let v: Value = serde_json::from_slice(&buf).expect("valid JSON");
+        assert_eq!(v["specversion"], "1.0");
+        assert_eq!(v["subject"], "order \"1\"");
+        assert_eq!(v["data"]["new_status"], "picking");
+        assert_eq!(v["datacontenttype"], "application/json");
+        let back = decode(Some(&buf), "fulfillment.status_changed").expect("decodes");
+        assert_eq!(back.event_id, "6f1c1f0e-7a43-4d0b-9a55-0b6f5b5c2d11");
+        assert_eq!(back.data["order_id"], "o1");
+        assert_eq!(
+            back.event_type.as_deref(),
+            Some("fulfillment.status_changed")
+        );
+    }
+
+    #[test]
+    fn rfc3339_formatting() {
+        let mut s = String::new();
+        format_rfc3339_micros(0.0, &mut s);
+        assert_eq!(s, "1970-01-01T00:00:00.000000Z");
+        format_rfc3339_micros(1_795_334_866.148_25, &mut s);
+        assert_eq!(s, "2026-11-22T08:07:46.148250Z");
+        format_rfc3339_micros(951_782_400.5, &mut s); // leap day 2000
+        assert_eq!(s, "2000-02-29T00:00:00.500000Z");
+        let back = crate::inbox::parse_rfc3339(&s).expect("parses");
+        assert_eq!(
+            back,
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(951_782_400_500)
+        );
+    }
+
+    #[test]
+    fn plain_json_with_event_id() {
+        let e = decode(Some(br#"{"event_id":"e1","order_id":"o1"}"#), "t").expect("ok");
+        assert_eq!(e.event_id, "e1");
+        assert_eq!(e.envelope["type"], "t");
+        assert_eq!(e.envelope["data"]["order_id"], "o1");
+    }
+
+    #[test]
+    fn refusals() {
+        assert_eq!(decode(None, "t"), Err(DecodeError::NoDataField));
+        assert_eq!(decode(Some(b"\xff\xfe"), "t"), Err(DecodeError::NotUtf8));
+        assert!(matches!(
+            decode(Some(b"{nope"), "t"),
+            Err(DecodeError::NotJson(_))
+        ));
+        assert_eq!(decode(Some(b"[1,2]"), "t"), Err(DecodeError::NotObject));
+        assert_eq!(
+            decode(Some(br#"{"order_id":"o1"}"#), "t"),
+            Err(DecodeError::NoEventId)
+        );
+        assert_eq!(
+            decode(Some(br#"{"specversion":"1.0","id":""}"#), "t"),
+            Err(DecodeError::NoEventId)
+        );
+    }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn decode_never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+                let _ = decode(Some(&bytes), "t");
+            }
+
+            #[test]
+            fn decode_never_panics_on_json_like_text(text in any::<String>()) {
+                let _ = decode(Some(text.as_bytes()), "t");
+                let wrapped = format!("{{\"specversion\":\"1.0\",\"id\":{text:?},\"data\":{text}}}");
+                let _ = decode(Some(wrapped.as_bytes()), "t");
+            }
+
+            #[test]
+            fn whatever_is_encoded_decodes_to_the_same_event(
+                id in any::<String>().prop_filter("usable id", |s| !s.trim().is_empty() && s.len() <= 512),
+                aggregate in any::<String>(),
+                topic in any::<String>(),
+                n in any::<i64>(),
+            ) {
+                let payload = serde_json::json!({"n": n, "aggregate": aggregate}).to_string();
+                let mut buf = Vec::new();
+                encode_into(&Outgoing {
+                    event_id: &id, source: "s", topic: &topic, aggregate_id: &aggregate,
+                    time: "2026-11-22T08:00:00Z", payload_json: &payload, traceparent: None,
+                }, &mut buf);
+                let back = decode(Some(&buf), "t").expect("an encoded envelope decodes");
+                prop_assert_eq!(back.event_id, id);
+                prop_assert_eq!(&back.envelope["subject"], &serde_json::Value::String(aggregate));
+                prop_assert_eq!(&back.data["n"], &serde_json::json!(n));
+            }
+        }
+    }
+}

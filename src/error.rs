@@ -1,0 +1,81 @@
+//! The top-level error: what went wrong, whether retrying can cure it, and the process exit
+//! code it maps to (SPEC section 5: 1 for a runtime failure, 2 for bad usage or configuration).
+
+use crate::config::ConfigError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("PostgreSQL ({context}): {source}")]
+    Postgres {
+        context: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("PostgreSQL pool ({context}): {source}")]
+    Pool {
+        context: String,
+        #[source]
+        source: deadpool_postgres::PoolError,
+    },
+    #[error("Redis ({context}): {source}")]
+    Redis {
+        context: String,
+        #[source]
+        source: redis::RedisError,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn pg(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Error {
+        let context = context.into();
+        move |source| Error::Postgres { context, source }
+    }
+
+    pub fn pool(context: impl Into<String>) -> impl FnOnce(deadpool_postgres::PoolError) -> Error {
+        let context = context.into();
+        move |source| Error::Pool { context, source }
+    }
+
+    pub fn redis(context: impl Into<String>) -> impl FnOnce(redis::RedisError) -> Error {
+        let context = context.into();
+        move |source| Error::Redis { context, source }
+    }
+
+    /// Worth retrying after a backoff: the server or the connection, not the request.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Config(_) | Error::Other(_) => false,
+            Error::Postgres { source, .. } => crate::db::is_transient(source),
+            Error::Pool { source, .. } => crate::db::pool_error_is_transient(source),
+            Error::Redis { source, .. } => crate::redis_io::is_transient(source),
+        }
+    }
+
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Config(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// The error and its causes, one after another: `a: b: c`. Causes are never flattened away.
+pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
+}

@@ -1,0 +1,288 @@
+//! The `order_status` handler: fulfillment events drive the order's status. The decision is
+//! the pure `rules` module's; this file is the thin SQL around it: lock the order row, fold
+//! the fulfillment's status into `order_fulfillments` (highest rank wins, so arrival order
+//! and duplicates do not matter), and when the rules say so, update the order, append to
+//! `order_status_history` and write an `order.status_changed` event to the outbox, all in the
+//! inbox transaction.
+
+use super::rules::{
+    aggregate_target, decide, CurrentStatus, Decision, FulfillmentStatus, OrderStatus,
+    StatusMapping,
+};
+use super::{HandleError, Outcome};
+use crate::config::ConsumerConfig;
+use crate::db::{quote_ident, quote_qualified};
+use crate::envelope::Incoming;
+use serde_json::Value;
+
+pub const FULFILLMENT_STATUS_CHANGED: &str = "fulfillment.status_changed";
+pub const DELIVERY_CONFIRMED: &str = "delivery.confirmed";
+pub const ORDER_STATUS_CHANGED: &str = "order.status_changed";
+
+#[derive(Debug, Clone)]
+pub struct OrderStatusHandler {
+    mapping: StatusMapping,
+    fold_fulfillment: String,
+    lock_order: String,
+    apply: String,
+}
+
+impl OrderStatusHandler {
+    pub fn new(config: &ConsumerConfig) -> Result<OrderStatusHandler, String> {
+        let mapping = StatusMapping::with_overrides(
+            config
+                .status_mapping
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        )?;
+        let o = &config.orders;
+        let orders = quote_qualified(&o.table);
+        let id = quote_ident(&o.id_column);
+        let status = quote_ident(&o.status_column);
+        let updated_at = quote_ident(&o.updated_at_column);
+        let outbox = quote_qualified(&config.outbox_table);
+        // The fulfillment row is written only if the order exists (`FROM o`), and after the
+        // order row is locked, so every writer of an order's state takes the order lock first.
+        let fold_fulfillment = format!(
+            "WITH o AS (
+    SELECT {status}::text AS status FROM {orders} WHERE {id} = $1 FOR UPDATE
+), up AS (
+    INSERT INTO order_fulfillments AS f
+        (order_id, fulfillment_id, status, status_rank, expected_count, last_event_id)
+    SELECT $1, $2, $3, $4, $5, $6 FROM o
+    ON CONFLICT (order_id, fulfillment_id) DO UPDATE SET
+        status = CASE WHEN EXCLUDED.status_rank > f.status_rank THEN EXCLUDED.status ELSE f.status END,
+        status_rank = GREATEST(f.status_rank, EXCLUDED.status_rank),
+        expected_count = GREATEST(f.expected_count, EXCLUDED.expected_count),
+        last_event_id = EXCLUDED.last_event_id,
+        updated_at = now()
+    RETURNING f.status_rank, f.expected_count
+)
+SELECT (SELECT status FROM o),
+       ARRAY(SELECT status_rank FROM order_fulfillments WHERE order_id = $1 AND fulfillment_id <> $2
+             UNION ALL SELECT status_rank FROM up)::smallint[],
+       GREATEST((SELECT max(expected_count) FROM order_fulfillments
+                 WHERE order_id = $1 AND fulfillment_id <> $2),
+                (SELECT expected_count FROM up))"
+        );
+        let lock_order = format!("SELECT {status}::text FROM {orders} WHERE {id} = $1 FOR UPDATE");
+        let apply = format!(
+            "WITH u AS (
+    UPDATE {orders} SET {status} = $2, {updated_at} = now() WHERE {id} = $1
+), h AS (
+    INSERT INTO order_status_history (order_id, from_status, to_status, reason, event_id, created_at)
+    VALUES ($1, $3, $2, $4, $5, clock_timestamp())
+)
+INSERT INTO {outbox} (topic, aggregate_id, payload)
+VALUES ('{ORDER_STATUS_CHANGED}', $1, jsonb_build_object(
+    'event_type', '{ORDER_STATUS_CHANGED}', 'order_id', $1::text, 'old_status', $3::text,
+    'new_status', $2::text, 'timestamp', now(), 'reason', $4::text, 'caused_by', $5::text))"
+        );
+        Ok(OrderStatusHandler {
+            mapping,
+            fold_fulfillment,
+            lock_order,
+            apply,
+        })
+    }
+
+    pub async fn handle(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        topic: &str,
+        event: &Incoming,
+    ) -> Result<Outcome, HandleError> {
+        let kind = [
+            Some(topic),
+            event.event_type.as_deref(),
+            event.data.get("event_type").and_then(Value::as_str),
+        ]
+        .into_iter()
+        .flatten()
+        .find(|t| {
+            matches!(
+                *t,
+                FULFILLMENT_STATUS_CHANGED | DELIVERY_CONFIRMED | ORDER_STATUS_CHANGED
+            )
+        });
+        match kind {
+            Some(FULFILLMENT_STATUS_CHANGED) => self.fulfillment_changed(tx, event).await,
+            Some(DELIVERY_CONFIRMED) => self.delivery_confirmed(tx, event).await,
+            Some(_) => Ok(Outcome::Skipped {
+                code: "own_event",
+                reason: "order.status_changed is this handler's own output".into(),
+            }),
+            None => Ok(Outcome::Skipped {
+                code: "unhandled_type",
+                reason: format!(
+                    "order_status does not handle events of stream {topic:?} / type {:?}",
+                    event.event_type
+                ),
+            }),
+        }
+    }
+
+    async fn fulfillment_changed(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        event: &Incoming,
+    ) -> Result<Outcome, HandleError> {
+        let order_id = required_str(&event.data, "order_id")?;
+        let fulfillment_id = required_str(&event.data, "fulfillment_id")?;
+        let new_status = required_str(&event.data, "new_status")?;
+        let expected = fulfillment_count(&event.data)?;
+        let Some(status) = FulfillmentStatus::parse(new_status) else {
+            return Ok(Outcome::Skipped {
+                code: "unknown_status",
+                reason: format!("unknown fulfillment status {new_status:?}; no change"),
+            });
+        };
+        let statement = tx
+            .prepare_cached(&self.fold_fulfillment)
+            .await
+            .map_err(|e| HandleError::from_pg("order_status: preparing", e))?;
+        let row = tx
+            .query_one(
+                &statement,
+                &[
+                    &order_id,
+                    &fulfillment_id,
+                    &status.as_str(),
+                    &status.rank(),
+                    &expected,
+                    &event.event_id,
+                ],
+            )
+            .await
+            .map_err(|e| HandleError::from_pg("order_status: recording the fulfillment", e))?;
+        let current: Option<String> = row.get(0);
+        let Some(current) = current else {
+            return Err(HandleError::Retry(format!(
+                "order {order_id:?} does not exist (yet)"
+            )));
+        };
+        let ranks: Vec<i16> = row.get(1);
+        let expected: Option<i32> = row.get(2);
+        let fulfillments: Vec<FulfillmentStatus> = ranks
+            .into_iter()
+            .filter_map(FulfillmentStatus::from_rank)
+            .collect();
+        let expected = expected.and_then(|n| u32::try_from(n).ok());
+        let target = aggregate_target(&fulfillments, expected, &self.mapping);
+        let reason = format!("fulfillment {fulfillment_id} {new_status}");
+        self.transition(tx, order_id, &current, target, &reason, &event.event_id)
+            .await
+    }
+
+    async fn delivery_confirmed(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        event: &Incoming,
+    ) -> Result<Outcome, HandleError> {
+        let order_id = required_str(&event.data, "order_id")?;
+        let statement = tx
+            .prepare_cached(&self.lock_order)
+            .await
+            .map_err(|e| HandleError::from_pg("order_status: preparing", e))?;
+        let row = tx
+            .query_opt(&statement, &[&order_id])
+            .await
+            .map_err(|e| HandleError::from_pg("order_status: locking the order", e))?;
+        let Some(row) = row else {
+            return Err(HandleError::Retry(format!(
+                "order {order_id:?} does not exist (yet)"
+            )));
+        };
+        let current: String = row.get(0);
+        let reason = match event.data.get("shipment_id").and_then(Value::as_str) {
+            Some(s) => format!("delivery confirmed (shipment {s})"),
+            None => "delivery confirmed".to_string(),
+        };
+        self.transition(
+            tx,
+            order_id,
+            &current,
+            Some(OrderStatus::Delivered),
+            &reason,
+            &event.event_id,
+        )
+        .await
+    }
+
+    async fn transition(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        order_id: &str,
+        current: &str,
+        target: Option<OrderStatus>,
+        reason: &str,
+        event_id: &str,
+    ) -> Result<Outcome, HandleError> {
+        match decide(&CurrentStatus::from_db(current), target) {
+            Decision::Skip(skip) => Ok(Outcome::Skipped {
+                code: skip.code(),
+                reason: format!("order {order_id}: {skip}"),
+            }),
+            Decision::Apply { to, .. } => {
+                let statement = tx
+                    .prepare_cached(&self.apply)
+                    .await
+                    .map_err(|e| HandleError::from_pg("order_status: preparing", e))?;
+                tx.execute(
+                    &statement,
+                    &[&order_id, &to.as_str(), &current, &reason, &event_id],
+                )
+                .await
+                .map_err(|e| HandleError::from_pg("order_status: applying the transition", e))?;
+                Ok(Outcome::Applied {
+                    transition: Some((current.to_string(), to.as_str().to_string())),
+                })
+            }
+        }
+    }
+}
+
+fn required_str<'a>(data: &'a Value, field: &str) -> Result<&'a str, HandleError> {
+    match data.get(field) {
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= 1024 => Ok(s),
+        Some(Value::String(s)) if s.is_empty() => Err(HandleError::Permanent(format!(
+            "payload field {field:?} is empty"
+        ))),
+        Some(Value::String(_)) => Err(HandleError::Permanent(format!(
+            "payload field {field:?} is longer than 1024 bytes"
+        ))),
+        Some(other) => Err(HandleError::Permanent(format!(
+            "payload field {field:?} must be a string, not {}",
+            type_name(other)
+        ))),
+        None => Err(HandleError::Permanent(format!(
+            "payload has no field {field:?}"
+        ))),
+    }
+}
+
+fn fulfillment_count(data: &Value) -> Result<Option<i32>, HandleError> {
+    let Some(v) = data
+        .get("metadata")
+        .and_then(|m| m.get("fulfillment_count"))
+    else {
+        return Ok(None);
+    };
+    match v.as_u64() {
+        Some(n) if (1..=1000).contains(&n) => Ok(i32::try_from(n).ok()),
+        _ => Err(HandleError::Permanent(format!(
+            "metadata.fulfillment_count must be an integer from 1 to 1000, not {v}"
+        ))),
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}

@@ -1,0 +1,38 @@
+//! outboxd: exactly-once effects between PostgreSQL databases over Redis Streams.
+//!
+//! A relay moves committed outbox rows to Redis Streams in per-aggregate order; an inbox
+//! consumer applies each stream entry's effect exactly once, recording its event ID in the
+//! same transaction as the effect. See README.md for operating it and SPEC.md for the
+//! contract.
+//!
+//! # Layout
+//!
+//! - [`cli`]: clap definitions; every global flag also from `OUTBOXD_*`.
+//! - [`config`]: TOML + environment, named defaults, `validate()` naming the key.
+//! - [`error`]: the top-level error, transient vs. permanent, exit codes.
+//! - [`shutdown`]: signals -> `CancellationToken`.
+//! - [`db`]: PostgreSQL pools, quoting, SQLSTATE classification.
+//! - [`redis_io`]: Redis connections (shared and dedicated), stream keys, error classes.
+//! - [`migrate`]: embedded migrations from `sql/migrations`.
+//! - [`envelope`]: CloudEvents encode/decode.
+//! - [`relay`]: outbox -> stream.
+//! - [`inbox`]: stream -> inbox + effect: reading, applying, dead letters.
+//! - [`handlers`]: what a consumer does with an event (`order_status`, `sql`).
+//! - [`ops`]: the operator commands (`status`, `demo`).
+//! - [`app`]: wiring the commands together.
+//! - [`telemetry`]: metrics and the `/metrics` `/healthz` `/readyz` endpoint.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod envelope;
+pub mod error;
+pub mod handlers;
+pub mod inbox;
+pub mod migrate;
+pub mod ops;
+pub mod redis_io;
+pub mod relay;
+pub mod shutdown;
+pub mod telemetry;

@@ -1,0 +1,363 @@
+//! `outboxd status [--json]`: per outbox its backlog, oldest unpublished age, quarantined
+//! rows, rows held back by open transactions and the sessions holding them; per consumer and
+//! stream its length, group lag, pending entries, oldest pending idle time and dead letters.
+//! The same figures feed the backlog and lag gauges of the daemon.
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::redis_io::Redis;
+use crate::relay::{Blocker, Relay};
+use deadpool_postgres::Pool;
+use redis::Value;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub outboxes: Vec<OutboxStatus>,
+    pub consumers: Vec<ConsumerStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct OutboxStatus {
+    pub database: String,
+    pub table: String,
+    pub backlog_rows: i64,
+    /// True when backlog_rows is PostgreSQL's estimate (outboxes of a million rows or more);
+    /// held_back_rows stops counting at 1,000,000.
+    pub backlog_estimated: bool,
+    pub oldest_age_seconds: Option<f64>,
+    pub quarantined_rows: i64,
+    pub held_back_rows: i64,
+    pub blockers: Vec<Blocker>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConsumerStatus {
+    pub name: String,
+    pub stream: String,
+    pub stream_length: u64,
+    pub lag: Option<u64>,
+    pub pending: u64,
+    pub oldest_pending_idle_seconds: Option<f64>,
+    pub dead_letters: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+pub async fn collect(config: &Config, pools: &HashMap<String, Pool>, redis: &Redis) -> Status {
+    let mut outboxes = Vec::new();
+    for mut relay in crate::relay::build_all(config, pools, redis).unwrap_or_default() {
+        let (database, table) = (relay_db(&relay), relay_table(&relay));
+        let mut s = OutboxStatus {
+            database,
+            table,
+            backlog_rows: 0,
+            backlog_estimated: false,
+            oldest_age_seconds: None,
+            quarantined_rows: 0,
+            held_back_rows: 0,
+            blockers: Vec::new(),
+            error: None,
+        };
+        match outbox_figures(&mut relay).await {
+            Ok((backlog, held)) => {
+                s.backlog_rows = backlog.rows;
+                s.backlog_estimated = backlog.estimated;
+                s.oldest_age_seconds = backlog.oldest_age_seconds;
+                s.quarantined_rows = backlog.quarantined;
+                s.held_back_rows = held.rows;
+                s.blockers = held.blockers;
+            }
+            Err(e) => s.error = Some(crate::error::chain(&e)),
+        }
+        outboxes.push(s);
+    }
+    let mut consumers = Vec::new();
+    let mut conn = redis.commands();
+    for c in &config.consumers {
+        for key in c.streams.iter().flat_map(|t| redis.stream_keys(t)) {
+            let mut s = ConsumerStatus {
+                name: c.name.clone(),
+                stream: key.clone(),
+                stream_length: 0,
+                lag: None,
+                pending: 0,
+                oldest_pending_idle_seconds: None,
+                dead_letters: 0,
+                error: None,
+            };
+            if let Err(e) = stream_figures(&mut conn, &key, &c.name, &mut s).await {
+                s.error = Some(crate::error::chain(&e));
+            }
+            consumers.push(s);
+        }
+    }
+    Status {
+        outboxes,
+        consumers,
+    }
+}
+
+fn relay_db(relay: &Relay) -> String {
+    relay
+        .name()
+        .split_once('.')
+        .map(|(d, _)| d.to_string())
+        .unwrap_or_default()
+}
+
+fn relay_table(relay: &Relay) -> String {
+    relay
+        .name()
+        .split_once('.')
+        .map(|(_, t)| t.to_string())
+        .unwrap_or_default()
+}
+
+async fn outbox_figures(
+    relay: &mut Relay,
+) -> Result<(crate::relay::Backlog, crate::relay::HeldBack)> {
+    let backlog = relay.backlog().await?;
+    let held = relay.held_back().await?;
+    Ok((backlog, held))
+}
+
+async fn stream_figures(
+    conn: &mut redis::aio::ConnectionManager,
+    key: &str,
+    group: &str,
+    s: &mut ConsumerStatus,
+) -> Result<()> {
+    let mut pipe = redis::pipe();
+    pipe.cmd("XLEN").arg(key);
+    pipe.cmd("XLEN").arg(crate::inbox::dlq::dlq_key(key));
+    let (len, dlq): (u64, u64) = pipe
+        .query_async(conn)
+        .await
+        .map_err(Error::redis(format!("XLEN {key}")))?;
+    s.stream_length = len;
+    s.dead_letters = dlq;
+    if len == 0 {
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(key)
+            .query_async(conn)
+            .await
+            .map_err(Error::redis("EXISTS"))?;
+        if !exists {
+            return Ok(());
+        }
+    }
+    let groups: Value = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .map_err(Error::redis(format!("XINFO GROUPS {key}")))?;
+    if let Value::Array(groups) = groups {
+        for g in groups {
+            let fields = fields_of(g);
+            if fields
+                .get("name")
+                .and_then(crate::inbox::read::text)
+                .as_deref()
+                != Some(group)
+            {
+                continue;
+            }
+            s.pending = fields.get("pending").and_then(int).unwrap_or(0);
+            s.lag = fields.get("lag").and_then(int);
+        }
+    }
+    if s.pending > 0 {
+        let oldest: Value = redis::cmd("XPENDING")
+            .arg(key)
+            .arg(group)
+            .arg("-")
+            .arg("+")
+            .arg(1)
+            .query_async(conn)
+            .await
+            .map_err(Error::redis(format!("XPENDING {key}")))?;
+        // The idle time of the oldest pending entry (first by ID).
+        if let Value::Array(rows) = oldest {
+            if let Some(Value::Array(row)) = rows.into_iter().next() {
+                if let Some(Value::Int(ms)) = row.get(2) {
+                    s.oldest_pending_idle_seconds = Some(*ms as f64 / 1000.0);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn fields_of(v: Value) -> HashMap<String, Value> {
+    let mut out = HashMap::new();
+    match v {
+        Value::Array(flat) => {
+            let mut it = flat.into_iter();
+            while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                if let Some(k) = crate::inbox::read::text(&k) {
+                    out.insert(k, v);
+                }
+            }
+        }
+        Value::Map(pairs) => {
+            for (k, v) in pairs {
+                if let Some(k) = crate::inbox::read::text(&k) {
+                    out.insert(k, v);
+                }
+            }
+        }
+        _ => {}
+    }
+    out
+}
+
+fn int(v: &Value) -> Option<u64> {
+    match v {
+        Value::Int(n) => u64::try_from(*n).ok(),
+        _ => None,
+    }
+}
+
+pub async fn run(config: &Config, json: bool) -> Result<()> {
+    let pools = crate::app::pools(config)?;
+    let redis = Redis::for_config(config)?;
+    let status = collect(config, &pools, &redis).await;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&status).map_err(|e| Error::Other(e.to_string()))?
+        );
+        return Ok(());
+    }
+    println!("OUTBOXES");
+    println!(
+        "{:<28} {:>10} {:>12} {:>11} {:>10}  blockers",
+        "database.table", "backlog", "oldest (s)", "quarantined", "held back"
+    );
+    for o in &status.outboxes {
+        let blockers = o
+            .blockers
+            .iter()
+            .map(|b| format!("pid {} ({:.0}s)", b.pid, b.xact_age_seconds))
+            .collect::<Vec<_>>()
+            .join(", ");
+        println!(
+            "{:<28} {:>10} {:>12} {:>11} {:>10}  {}{}",
+            format!("{}.{}", o.database, o.table),
+            format!(
+                "{}{}",
+                if o.backlog_estimated { "~" } else { "" },
+                o.backlog_rows
+            ),
+            o.oldest_age_seconds
+                .map(|a| format!("{a:.1}"))
+                .unwrap_or_else(|| "-".into()),
+            o.quarantined_rows,
+            o.held_back_rows,
+            blockers,
+            o.error
+                .as_deref()
+                .map(|e| format!(" ERROR: {e}"))
+                .unwrap_or_default()
+        );
+    }
+    println!();
+    println!("CONSUMERS");
+    println!(
+        "{:<20} {:<34} {:>8} {:>8} {:>8} {:>14} {:>6}",
+        "name", "stream", "length", "lag", "pending", "oldest idle(s)", "dlq"
+    );
+    for c in &status.consumers {
+        println!(
+            "{:<20} {:<34} {:>8} {:>8} {:>8} {:>14} {:>6}{}",
+            c.name,
+            c.stream,
+            c.stream_length,
+            c.lag.map(|l| l.to_string()).unwrap_or_else(|| "-".into()),
+            c.pending,
+            c.oldest_pending_idle_seconds
+                .map(|a| format!("{a:.1}"))
+                .unwrap_or_else(|| "-".into()),
+            c.dead_letters,
+            c.error
+                .as_deref()
+                .map(|e| format!(" ERROR: {e}"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+/// Keeps the backlog and lag gauges current while the daemon runs (every 5 s).
+pub async fn refresh_gauges_forever(
+    config: Config,
+    pools: HashMap<String, Pool>,
+    redis: Redis,
+    shutdown: CancellationToken,
+) {
+    let m = crate::telemetry::metrics();
+    loop {
+        let status = collect(&config, &pools, &redis).await;
+        for o in &status.outboxes {
+            if o.error.is_none() {
+                m.outbox_backlog_rows
+                    .with_label_values(&[&o.database, &o.table])
+                    .set(o.backlog_rows);
+                m.outbox_oldest_age_seconds
+                    .with_label_values(&[&o.database, &o.table])
+                    .set(o.oldest_age_seconds.unwrap_or(0.0));
+            }
+        }
+        for c in &status.consumers {
+            if c.error.is_none() {
+                m.consumer_lag
+                    .with_label_values(&[&c.name, &c.stream])
+                    .set(c.lag.unwrap_or(0) as i64);
+                m.consumer_pending
+                    .with_label_values(&[&c.name, &c.stream])
+                    .set(c.pending as i64);
+            }
+        }
+        if let Some(age) = oldest_confirmed_order_age(&config, &pools).await {
+            m.oldest_confirmed_order_age_seconds.set(age);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+}
+
+/// Age of the oldest order still `confirmed` (or `payment_confirmed`) over the databases of
+/// the `order_status` consumers; 0 when there is none, `None` when it cannot be read.
+pub async fn oldest_confirmed_order_age(
+    config: &Config,
+    pools: &HashMap<String, Pool>,
+) -> Option<f64> {
+    let mut oldest: Option<f64> = None;
+    for c in config
+        .consumers
+        .iter()
+        .filter(|c| c.handler == "order_status")
+    {
+        let pool = pools.get(&c.database)?;
+        let o = &c.orders;
+        let sql = format!(
+            "SELECT coalesce(extract(epoch FROM now() - min({updated}))::float8, 0) FROM {table} WHERE {status} IN ('confirmed', 'payment_confirmed')",
+            updated = crate::db::quote_ident(&o.updated_at_column),
+            table = crate::db::quote_qualified(&o.table),
+            status = crate::db::quote_ident(&o.status_column),
+        );
+        let client = pool.get().await.ok()?;
+        let age: f64 = client.query_one(&sql, &[]).await.ok()?.get(0);
+        oldest = Some(oldest.map_or(age, |o| o.max(age)));
+    }
+    Some(oldest.unwrap_or(0.0))
+}

@@ -1,0 +1,210 @@
+//! Stream retention: trimming a stream toward a maximum length or age without ever removing
+//! an entry that some consumer group has not acknowledged (SPEC section 7.5). The trim point
+//! is the oldest of the target and, per group, its oldest pending entry or the entry after
+//! the last one delivered to it; `XTRIM MINID` removes only entries before that point.
+
+use crate::error::{Error, Result};
+use redis::aio::ConnectionLike;
+use redis::Value;
+
+/// A stream entry ID as (milliseconds, sequence).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct StreamId(pub u64, pub u64);
+
+impl StreamId {
+    pub fn parse(s: &str) -> Option<StreamId> {
+        let (ms, seq) = s.split_once('-')?;
+        Some(StreamId(ms.parse().ok()?, seq.parse().ok()?))
+    }
+
+    fn next(self) -> StreamId {
+        match self.1.checked_add(1) {
+            Some(seq) => StreamId(self.0, seq),
+            None => StreamId(self.0 + 1, 0),
+        }
+    }
+}
+
+impl std::fmt::Display for StreamId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.0, self.1)
+    }
+}
+
+/// The first entry ID every group still needs: nothing before it may be trimmed.
+/// `None` when the stream has no group (nothing to protect).
+pub async fn safe_trim_point<C: ConnectionLike>(
+    conn: &mut C,
+    key: &str,
+) -> Result<Option<StreamId>> {
+    let groups: Value = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .map_err(Error::redis(format!("XINFO GROUPS {key}")))?;
+    let Value::Array(groups) = groups else {
+        return Ok(None);
+    };
+    let mut safe: Option<StreamId> = None;
+    for g in groups {
+        let fields = crate::ops::status::fields_of(g);
+        let name = fields
+            .get("name")
+            .and_then(crate::inbox::read::text)
+            .unwrap_or_default();
+        let pending = matches!(fields.get("pending"), Some(Value::Int(n)) if *n > 0);
+        let last = fields
+            .get("last-delivered-id")
+            .and_then(crate::inbox::read::text)
+            .and_then(|s| StreamId::parse(&s))
+            .unwrap_or(StreamId(0, 0));
+        let mut needed = last.next();
+        if pending {
+            let oldest: Value = redis::cmd("XPENDING")
+                .arg(key)
+                .arg(&name)
+                .arg("-")
+                .arg("+")
+                .arg(1)
+                .query_async(conn)
+                .await
+                .map_err(Error::redis(format!("XPENDING {key}")))?;
+            if let Value::Array(rows) = oldest {
+                if let Some(Value::Array(row)) = rows.first() {
+                    if let Some(id) = row
+                        .first()
+                        .and_then(crate::inbox::read::text)
+                        .and_then(|s| StreamId::parse(&s))
+                    {
+                        needed = needed.min(id);
+                    }
+                }
+            }
+        }
+        safe = Some(safe.map_or(needed, |s| s.min(needed)));
+    }
+    Ok(safe)
+}
+
+/// Trims `key` toward `max_len` entries and/or `max_age_ms`, never past the safe point.
+/// Returns the number of entries removed.
+pub async fn trim_stream<C: ConnectionLike>(
+    conn: &mut C,
+    key: &str,
+    max_len: Option<u64>,
+    max_age_ms: Option<u64>,
+) -> Result<u64> {
+    let mut target: Option<StreamId> = None;
+    if let Some(age) = max_age_ms {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        target = Some(StreamId(now.saturating_sub(age), 0));
+    }
+    if let Some(len) = max_len {
+        let newest: Value = redis::cmd("XREVRANGE")
+            .arg(key)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(len.max(1))
+            .query_async(conn)
+            .await
+            .map_err(Error::redis(format!("XREVRANGE {key}")))?;
+        if let Value::Array(entries) = newest {
+            if entries.len() as u64 >= len.max(1) {
+                let oldest_kept = entries.last().and_then(|e| match e {
+                    Value::Array(p) => p.first().and_then(crate::inbox::read::text),
+                    _ => None,
+                });
+                if let Some(id) = oldest_kept.and_then(|s| StreamId::parse(&s)) {
+                    target = Some(target.map_or(id, |t| t.max(id)));
+                }
+            }
+        }
+    }
+    let Some(target) = target else { return Ok(0) };
+    let point = match safe_trim_point(conn, key).await? {
+        Some(safe) => target.min(safe),
+        None => target,
+    };
+    let removed: u64 = redis::cmd("XTRIM")
+        .arg(key)
+        .arg("MINID")
+        .arg("=")
+        .arg(point.to_string())
+        .query_async(conn)
+        .await
+        .map_err(Error::redis(format!("XTRIM {key}")))?;
+    Ok(removed)
+}
+
+/// The daemon's housekeeping, once a minute: trim the streams of topics with a `max_len` or
+/// `max_age_hours`, and prune the inboxes of consumers with `inbox_retention_hours`. Failures
+/// are logged and retried at the next round; they never stop the daemon.
+pub async fn maintain_forever(
+    config: crate::config::Config,
+    pools: std::collections::HashMap<String, deadpool_postgres::Pool>,
+    redis: crate::redis_io::Redis,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let wanted = config
+        .topics
+        .iter()
+        .any(|t| t.max_len.is_some() || t.max_age_hours.is_some())
+        || config.consumers.iter().any(|c| c.inbox_retention_hours > 0);
+    if !wanted {
+        return;
+    }
+    loop {
+        let mut conn = redis.commands();
+        for topic in &config.topics {
+            if topic.max_len.is_none() && topic.max_age_hours.is_none() {
+                continue;
+            }
+            let age = topic.max_age_hours.map(|h| h.saturating_mul(3_600_000));
+            for key in redis.stream_keys(&topic.name) {
+                match trim_stream(&mut conn, &key, topic.max_len, age).await {
+                    Ok(n) if n > 0 => tracing::info!(stream = %key, removed = n, "trimmed"),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(stream = %key, error = %crate::error::chain(&e), "trimming failed")
+                    }
+                }
+            }
+        }
+        for c in config
+            .consumers
+            .iter()
+            .filter(|c| c.inbox_retention_hours > 0)
+        {
+            let Some(pool) = pools.get(&c.database) else {
+                continue;
+            };
+            let result = async {
+                let client = pool.get().await.map_err(Error::pool("inbox prune"))?;
+                crate::ops::prune::prune_consumer(
+                    &client,
+                    &c.inbox_table,
+                    &c.name,
+                    std::time::Duration::from_secs(c.inbox_retention_hours.saturating_mul(3600)),
+                    5000,
+                )
+                .await
+            };
+            match result.await {
+                Ok(n) if n > 0 => tracing::info!(consumer = %c.name, rows = n, "pruned the inbox"),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(consumer = %c.name, error = %crate::error::chain(&e), "inbox prune failed")
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! The relay's SQL, rendered once per outbox table. The rules it implements (DESIGN.md "The
+//! relay loop", refined):
+//!
+//! * Claim: the first `batch_size` rows in id order that no other relay holds (`FOR UPDATE
+//!   SKIP LOCKED`), that are not quarantined, whose aggregate has no quarantined earlier row,
+//!   and whose aggregate is not marked by an open producer transaction (the shared advisory
+//!   lock the outbox's BEFORE INSERT trigger takes, see `0001_outbox.sql`). `pg_locks` is read
+//!   during the statement, after its snapshot was taken.
+//! * Head of aggregate: a second statement (so with a fresh snapshot, taken after that lock
+//!   read) keeps only the claimed rows with no row of their aggregate outside the batch before
+//!   them: a row locked by another relay, a quarantined row, or a row whose producer committed
+//!   since the claim. It is one index range scan per aggregate, zipping the table's rows of
+//!   the aggregate with the batch's by rank, so a hot aggregate costs a batch, not a batch
+//!   squared. Before it, cheaper tests: if the table holds no row up to the batch's last id
+//!   but the batch's own, the batch is the head of the whole table and every row of it is
+//!   publishable (the usual case of a single relay draining a backlog); if it holds only a
+//!   few more (other relays' batches), those few are read and the check is done in the relay.
+
+/// Advisory locks on this outbox held by other sessions: `objsubid = 2` per aggregate
+/// (classid = table oid, objid = hashtext(aggregate_id)), `objsubid = 1` the table-wide key.
+const HELD: &str = "held AS MATERIALIZED (
+    SELECT l.objsubid, l.objid, l.pid
+    FROM pg_catalog.pg_locks l
+    WHERE l.locktype = 'advisory'
+      AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname = current_database())
+      AND l.pid <> pg_backend_pid()
+      AND ((l.objsubid = 2 AND l.classid = $1::oid)
+        OR (l.objsubid = 1 AND l.classid = 0 AND l.objid = $1::oid))
+)";
+
+#[derive(Debug, Clone)]
+pub struct Statements {
+    /// $1 table oid, $2 batch size.
+    pub claim: String,
+    /// $1 last claimed id -> rows with an id up to it. When that equals the batch size the
+    /// batch is exactly the head of the table and every claimed row is publishable.
+    pub rows_up_to: String,
+    /// $1 last claimed id -> (id, aggregate_id) of every row up to it, for a batch with few
+    /// rows outside it before its end (the head-of-aggregate check done in the relay).
+    pub rows_before: String,
+    /// $1 ids, $2 aggregate ids (claimed, in id order) -> publishable ids.
+    pub head_of_aggregate: String,
+    /// $1 ids.
+    pub delete: String,
+    /// $1 ids: delete and keep in the archive (for replay).
+    pub delete_to_archive: String,
+    /// $1 retention hours, $2 batch -> archive rows pruned.
+    pub prune_archive: String,
+    /// $1 ids, $2 errors, $3 max attempts -> (id, quarantined).
+    pub record_failures: String,
+    /// $1 table oid -> held-back row count.
+    pub held_back_rows: String,
+    /// $1 table oid -> (pid, transaction age seconds, query) of the sessions holding rows back.
+    pub blockers: String,
+    /// $1 exact-count threshold, $2 table name -> (backlog rows, estimated?, quarantined rows,
+    /// oldest age seconds). Cheap on any size: the backlog is counted exactly below the
+    /// threshold and taken from the planner's estimate above it; quarantined rows come from
+    /// their partial index; the oldest row is the first by id (ids follow insertion order).
+    pub backlog: String,
+}
+
+impl Statements {
+    pub fn for_table(quoted: &str, archive: &str) -> Statements {
+        Statements {
+            delete_to_archive: format!(
+                "WITH d AS (DELETE FROM {quoted} WHERE id = ANY($1::bigint[])
+    RETURNING id, event_id, topic, aggregate_id, payload, headers, created_at)
+INSERT INTO {archive} (id, event_id, topic, aggregate_id, payload, headers, created_at)
+SELECT * FROM d ON CONFLICT (id) DO NOTHING"
+            ),
+            prune_archive: format!(
+                "DELETE FROM {archive} WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM {archive} WHERE published_at < now() - make_interval(hours => $1::int) LIMIT $2))"
+            ),
+            claim: format!(
+                "WITH {HELD}
+SELECT o.id, o.event_id::text, o.topic, o.aggregate_id, o.payload::text,
+       o.headers->>'traceparent',
+       extract(epoch FROM o.created_at)::float8
+FROM {quoted} o
+WHERE o.quarantined_at IS NULL
+  AND NOT EXISTS (SELECT 1 FROM held h WHERE h.objsubid = 1)
+  AND NOT EXISTS (SELECT 1 FROM held h WHERE h.objsubid = 2 AND h.objid = hashtext(o.aggregate_id)::oid)
+  -- The per-row probe for an earlier quarantined row of the aggregate only runs when the
+  -- table holds a quarantined row at all (evaluated once, as an InitPlan).
+  AND (NOT EXISTS (SELECT 1 FROM {quoted} q0 WHERE q0.quarantined_at IS NOT NULL)
+       OR NOT EXISTS (SELECT 1 FROM {quoted} q
+                      WHERE q.quarantined_at IS NOT NULL AND q.aggregate_id = o.aggregate_id AND q.id < o.id))
+ORDER BY o.id
+LIMIT $2
+FOR UPDATE OF o SKIP LOCKED"
+            ),
+            rows_up_to: format!("SELECT count(*) FROM {quoted} WHERE id <= $1"),
+            rows_before: format!("SELECT id, aggregate_id FROM {quoted} WHERE id <= $1"),
+            head_of_aggregate: format!(
+                "WITH b AS (
+    SELECT c.id, c.agg, row_number() OVER (PARTITION BY c.agg ORDER BY c.id) AS rn
+    FROM unnest($1::bigint[], $2::text[]) AS c(id, agg)
+), m AS (
+    SELECT agg, max(id) AS last_id FROM b GROUP BY agg
+), t AS (
+    SELECT o.aggregate_id AS agg, o.id,
+           row_number() OVER (PARTITION BY o.aggregate_id ORDER BY o.id) AS rn
+    FROM m JOIN {quoted} o ON o.aggregate_id = m.agg AND o.id <= m.last_id
+)
+SELECT b.id FROM b JOIN t ON t.agg = b.agg AND t.rn = b.rn AND t.id = b.id"
+            ),
+            delete: format!("DELETE FROM {quoted} WHERE id = ANY($1::bigint[])"),
+            record_failures: format!(
+                "UPDATE {quoted} AS o
+SET attempts = o.attempts + 1,
+    last_error = f.err,
+    last_attempt_at = now(),
+    quarantined_at = CASE WHEN o.attempts + 1 >= $3 THEN now() END
+FROM unnest($1::bigint[], $2::text[]) AS f(id, err)
+WHERE o.id = f.id
+RETURNING o.id, o.quarantined_at IS NOT NULL"
+            ),
+            held_back_rows: format!(
+                "WITH {HELD}
+SELECT count(*) FROM (SELECT 1 FROM {quoted} o
+WHERE o.quarantined_at IS NULL
+  AND EXISTS (SELECT 1 FROM held h
+              WHERE h.objsubid = 1 OR (h.objsubid = 2 AND h.objid = hashtext(o.aggregate_id)::oid))
+  LIMIT 1000000) held_rows"
+            ),
+            blockers: format!(
+                "WITH {HELD}
+SELECT DISTINCT h.pid,
+       coalesce(extract(epoch FROM now() - a.xact_start)::float8, 0),
+       coalesce(left(a.query, 500), '')
+FROM held h
+LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = h.pid
+WHERE h.objsubid = 1
+   OR EXISTS (SELECT 1 FROM {quoted} o
+              WHERE o.quarantined_at IS NULL AND hashtext(o.aggregate_id)::oid = h.objid)
+ORDER BY 1"
+            ),
+            backlog: format!(
+                "SELECT
+    CASE WHEN c.reltuples < $1 THEN (SELECT count(*) FROM {quoted}) ELSE c.reltuples::bigint END,
+    c.reltuples >= $1,
+    (SELECT count(*) FROM {quoted} WHERE quarantined_at IS NOT NULL),
+    (SELECT extract(epoch FROM now() - created_at)::float8 FROM {quoted} ORDER BY id LIMIT 1)
+FROM pg_catalog.pg_class c WHERE c.oid = to_regclass($2)"
+            ),
+        }
+    }
+}

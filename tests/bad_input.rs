@@ -1,0 +1,213 @@
+//! Bad input gets a clear outcome (quarantine, dead letter, skip with a reason, or exit 2
+//! naming the key), never a panic, and holds nothing else up.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+const FSC: &str = "fulfillment.status_changed";
+
+async fn setup(tag: &str) -> (TestDb, TestStreams, std::path::PathBuf) {
+    let db = TestDb::new(tag).await;
+    let streams = TestStreams::new(tag);
+    let text = format!(
+        r#"
+[redis]
+url = "{}"
+stream_prefix = "{}"
+[databases.main]
+url = "{}"
+[[relays]]
+database = "main"
+max_attempts = 1
+max_entry_bytes = 1048576
+[[consumers]]
+name = "order-status"
+database = "main"
+streams = ["{FSC}", "weird.topic"]
+handler = "order_status"
+max_deliveries = 2
+claim_idle_ms = 100
+[http]
+listen = ""
+"#,
+        redis_url(),
+        streams.prefix,
+        db.url
+    );
+    let cfg = write_config(tag, &text);
+    let (code, _, err) = run_bin(&["--config", cfg.to_str().unwrap(), "migrate"], &[]);
+    assert_eq!(code, 0, "{err}");
+    (db, streams, cfg)
+}
+
+#[tokio::test]
+async fn oversized_row_is_quarantined_and_others_flow() {
+    let (db, streams, cfg) = setup("huge").await;
+    let client = db.client().await;
+    // 3 MB payload against max_entry_bytes = 1 MiB
+    client
+        .execute(
+            "INSERT INTO outbox (topic, aggregate_id, payload) VALUES ($1, 'big', jsonb_build_object('blob', repeat('x', 3000000)))",
+            &[&FSC],
+        )
+        .await
+        .unwrap();
+    client
+        .execute("INSERT INTO outbox (topic, aggregate_id, payload) VALUES ($1, 'small', '{\"ok\":true}')", &[&FSC])
+        .await
+        .unwrap();
+    outboxd(&cfg, &["relay", "--once"]);
+    let entries = streams.entries(FSC).await;
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].1["subject"], "small");
+    let err: String = client
+        .query_one("SELECT last_error FROM outbox WHERE aggregate_id = 'big' AND quarantined_at IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(err.contains("over max_entry_bytes"), "{err}");
+}
+
+#[tokio::test]
+async fn odd_events_are_skipped_or_dead_lettered_with_a_reason() {
+    let (db, streams, cfg) = setup("odd").await;
+    let client = db.client().await;
+    client
+        .execute(
+            "INSERT INTO orders (id, status) VALUES ('o1', 'confirmed')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut conn = streams.conn().await;
+    let envelope = |id: &str, data: serde_json::Value| {
+        json!({"specversion": "1.0", "id": id, "source": "t", "type": FSC, "data": data})
+            .to_string()
+    };
+    let entries: Vec<(&str, String)> = vec![
+        // an unknown fulfillment status: recorded, skipped
+        (
+            FSC,
+            envelope(
+                "e1",
+                json!({"order_id": "o1", "fulfillment_id": "f", "new_status": "teleported"}),
+            ),
+        ),
+        // JSON null as payload: no order_id -> dead letter
+        (FSC, envelope("e2", serde_json::Value::Null)),
+        // a negative fulfillment_count -> dead letter
+        (
+            FSC,
+            envelope(
+                "e3",
+                json!({"order_id": "o1", "fulfillment_id": "f", "new_status": "picking", "metadata": {"fulfillment_count": -2}}),
+            ),
+        ),
+        // an order ID of 2,000 bytes -> dead letter
+        (
+            FSC,
+            envelope(
+                "e4",
+                json!({"order_id": "x".repeat(2000), "fulfillment_id": "f", "new_status": "picking"}),
+            ),
+        ),
+        // an event ID of 600 bytes -> dead letter
+        (FSC, envelope(&"i".repeat(600), json!({"order_id": "o1"}))),
+        // a topic the handler does not know: recorded, skipped
+        (
+            "weird.topic",
+            json!({"event_id": "w1", "order_id": "o1"}).to_string(),
+        ),
+        // and a good one after all of them
+        (
+            FSC,
+            envelope(
+                "e9",
+                json!({"order_id": "o1", "fulfillment_id": "f", "new_status": "picking"}),
+            ),
+        ),
+    ];
+    for (topic, data) in &entries {
+        let _: String = redis::cmd("XADD")
+            .arg(streams.key(topic))
+            .arg("*")
+            .arg("data")
+            .arg(data)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let out = outboxd(&cfg, &["consume", "--once"]);
+    assert!(out.contains("1 applied"), "{out}");
+    assert!(out.contains("2 skipped"), "{out}");
+    assert!(out.contains("4 dead-lettered"), "{out}");
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM orders WHERE status = 'processing'"
+        )
+        .await,
+        1
+    );
+    let list: serde_json::Value =
+        serde_json::from_str(outboxd(&cfg, &["dlq", "list", "--json"]).trim()).unwrap();
+    let reasons: Vec<String> = list["dead_letters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["reason"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r.contains("no field \"order_id\"")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("fulfillment_count")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("longer than 1024")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("longer than 512")),
+        "{reasons:?}"
+    );
+}
+
+#[test]
+fn very_long_and_malicious_config_values_exit_2() {
+    let long = "x".repeat(100_000);
+    let cases = [
+        (format!("[redis]\nstream_prefix = \"{long}\"\n"), "redis.stream_prefix"),
+        (
+            "[databases.main]\nurl = \"postgres://u@h/d\"\n[[consumers]]\nname = \"c\"\ndatabase = \"main\"\nstreams = [\"t\"]\nhandler = \"sql\"\nfunction = \"f(); DROP TABLE x; --\"\n".to_string(),
+            "consumers[0].function",
+        ),
+        (
+            "[databases.main]\nurl = \"postgres://u@h/d\"\n[[consumers]]\nname = \"c\"\ndatabase = \"main\"\nstreams = [\"t\"]\nhandler = \"order_status\"\n[consumers.orders]\nstatus_column = \"status\\\" = 'x'; --\"\n".to_string(),
+            "consumers[0].orders.status_column",
+        ),
+        (
+            "[databases.main]\nurl = \"postgres://u@h/d\"\n[[consumers]]\nname = \"c\"\ndatabase = \"main\"\nstreams = [\"t\"]\nhandler = \"order_status\"\n[consumers.status_mapping]\npicked = \"delivered\"\n".to_string(),
+            "status_mapping",
+        ),
+        ("[[topics]]\nname = \"has space\"\n".to_string(), "topics[0].name"),
+        ("[databases.\"bad name\"]\nurl = \"postgres://u@h/d\"\n".to_string(), "databases.bad name"),
+    ];
+    for (text, key) in &cases {
+        let cfg = write_config("badcfg", text);
+        let (code, _, err) = run_bin(&["--config", cfg.to_str().unwrap(), "status"], &[]);
+        assert_eq!(code, 2, "{key}: {err}");
+        assert!(err.contains(key), "error must name {key}: {err}");
+        assert!(
+            err.len() < 2000,
+            "the error does not echo 100 kB back: {} bytes",
+            err.len()
+        );
+        assert!(!err.contains("panicked"));
+    }
+}

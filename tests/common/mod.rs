@@ -1,0 +1,450 @@
+//! Test helpers: each test gets its own PostgreSQL database(s) and its own Redis stream
+//! prefix, so the suite runs in parallel with no global lock. Servers default to the local
+//! ones (`OUTBOXD_TEST_PG`, `OUTBOXD_TEST_REDIS` override them); nothing is mocked.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+pub fn pg_admin_url() -> String {
+    std::env::var("OUTBOXD_TEST_PG")
+        .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/postgres".into())
+}
+
+pub fn redis_url() -> String {
+    std::env::var("OUTBOXD_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A short name unique in this machine for this run: pid, counter, time.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros()
+        % 1_000_000_000;
+    format!("{prefix}_{}_{n}_{t}", std::process::id())
+}
+
+pub async fn pg_connect(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// A database created for one test and dropped when the value is dropped.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn new(tag: &str) -> TestDb {
+        let name = unique(&format!("outboxd_t_{tag}"));
+        let admin = pg_connect(&pg_admin_url()).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+            .await
+            .expect("create database");
+        let base = pg_admin_url();
+        let cut = base.rfind('/').expect("url has a path");
+        let url = format!("{}/{name}", &base[..cut]);
+        TestDb { name, url }
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        pg_connect(&self.url).await
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if std::env::var("OUTBOXD_TEST_KEEP").is_ok() {
+            return;
+        }
+        let name = self.name.clone();
+        // Drop runs outside any runtime guarantee; use a thread with its own runtime.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let admin = pg_connect(&pg_admin_url()).await;
+                let _ = admin
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                    .await;
+            });
+        })
+        .join();
+    }
+}
+
+/// A Redis stream prefix owned by one test; its keys are deleted on drop.
+pub struct TestStreams {
+    pub prefix: String,
+    pub url: String,
+}
+
+impl TestStreams {
+    pub fn new(tag: &str) -> TestStreams {
+        TestStreams::on(tag, &redis_url())
+    }
+
+    pub fn on(tag: &str, url: &str) -> TestStreams {
+        TestStreams {
+            prefix: format!("{}:", unique(&format!("t_{tag}"))),
+            url: url.to_string(),
+        }
+    }
+
+    pub fn key(&self, topic: &str) -> String {
+        format!("{}{}", self.prefix, topic)
+    }
+
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis connection")
+    }
+
+    /// Every entry of a stream: (entry id, data field parsed as JSON).
+    pub async fn entries(&self, topic: &str) -> Vec<(String, serde_json::Value)> {
+        let mut conn = self.conn().await;
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(self.key(topic))
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn)
+            .await
+            .expect("XRANGE");
+        reply
+            .ids
+            .into_iter()
+            .map(|e| {
+                let data: Vec<u8> = e.get("data").unwrap_or_default();
+                (
+                    e.id,
+                    serde_json::from_slice(&data).unwrap_or(serde_json::Value::Null),
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for TestStreams {
+    fn drop(&mut self) {
+        if std::env::var("OUTBOXD_TEST_KEEP").is_ok() {
+            return;
+        }
+        let (prefix, url) = (self.prefix.clone(), self.url.clone());
+        let _ = std::thread::spawn(move || {
+            let Ok(client) = redis::Client::open(url.as_str()) else {
+                return;
+            };
+            let Ok(mut conn) = client.get_connection() else {
+                return;
+            };
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{prefix}*"))
+                .query(&mut conn)
+                .unwrap_or_default();
+            for k in keys {
+                let _: redis::RedisResult<()> = redis::cmd("DEL").arg(k).query(&mut conn);
+            }
+        })
+        .join();
+    }
+}
+
+/// Writes a config file for a test and returns its path (kept in a temp dir per test).
+pub fn write_config(tag: &str, toml: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(unique(&format!("outboxd_cfg_{tag}")));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("outboxd.toml");
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_outboxd")
+}
+
+/// Runs the binary to completion; returns (exit code, stdout, stderr).
+pub fn run_bin(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(bin());
+    cmd.args(args).env_remove("OUTBOXD_CONFIG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run outboxd");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Starts the binary in the background, logging to a file next to the config.
+pub fn spawn_bin(args: &[&str], log: &std::path::Path) -> Child {
+    let file = std::fs::File::create(log).unwrap();
+    Command::new(bin())
+        .args(args)
+        .env_remove("OUTBOXD_CONFIG")
+        .env("OUTBOXD_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(file)
+        .spawn()
+        .expect("spawn outboxd")
+}
+
+pub fn sigterm(child: &Child) {
+    unsafe_free_kill(child.id(), "TERM");
+}
+
+pub fn sigkill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn unsafe_free_kill(pid: u32, signal: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+/// Waits for a condition, polling; panics with `what` after `timeout`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !f().await {
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.expect(sql).get(0)
+}
+
+/// The TOML of a relay-only config over one database.
+pub fn relay_config(db_url: &str, prefix: &str, extra_relay: &str) -> String {
+    format!(
+        r#"
+[redis]
+url = "{redis}"
+stream_prefix = "{prefix}"
+
+[databases.main]
+url = "{db_url}"
+
+[[relays]]
+database = "main"
+table = "outbox"
+{extra_relay}
+
+[http]
+listen = ""
+
+[shutdown]
+timeout_ms = 10000
+"#,
+        redis = redis_url()
+    )
+}
+
+/// Inserts `n` rows spread over `aggregates` aggregates, in one statement per 5,000 rows;
+/// payload carries (aggregate, seq-within-aggregate) so order can be checked from the stream.
+pub async fn insert_rows(client: &tokio_postgres::Client, topic: &str, n: i64, aggregates: i64) {
+    let mut start = 0;
+    while start < n {
+        let end = (start + 5000).min(n);
+        client
+            .execute(
+                "INSERT INTO outbox (topic, aggregate_id, payload)
+                 SELECT $1, 'agg-' || (g % $4), jsonb_build_object('agg', 'agg-' || (g % $4), 'seq', g)
+                 FROM generate_series($2::bigint, $3::bigint - 1) g ORDER BY g",
+                &[&topic, &start, &end, &aggregates],
+            )
+            .await
+            .expect("insert rows");
+        start = end;
+    }
+}
+
+/// Checks a stream's entries: every `seq` in 0..n appears, and per aggregate the first
+/// occurrences are in increasing seq order. Returns the number of duplicate entries.
+pub fn check_stream(entries: &[(String, serde_json::Value)], n: i64) -> usize {
+    use std::collections::{HashMap, HashSet};
+    let mut seen: HashSet<i64> = HashSet::new();
+    let mut last: HashMap<String, i64> = HashMap::new();
+    let mut duplicates = 0;
+    for (id, env) in entries {
+        let data = &env["data"];
+        let seq = data["seq"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("entry {id} has no seq: {env}"));
+        let agg = data["agg"].as_str().expect("agg").to_string();
+        assert_eq!(
+            env["subject"].as_str(),
+            Some(agg.as_str()),
+            "subject is the aggregate"
+        );
+        if !seen.insert(seq) {
+            duplicates += 1;
+            continue;
+        }
+        if let Some(prev) = last.get(&agg) {
+            assert!(
+                seq > *prev,
+                "aggregate {agg}: seq {seq} (entry {id}) arrived after seq {prev}"
+            );
+        }
+        last.insert(agg, seq);
+    }
+    for seq in 0..n {
+        assert!(
+            seen.contains(&seq),
+            "row seq {seq} never reached the stream"
+        );
+    }
+    assert_eq!(seen.len() as i64, n, "unexpected extra rows on the stream");
+    duplicates
+}
+
+/// A private redis-server on its own port and directory (AOF, fsync always), for tests that
+/// stop and restart Redis. Killed on drop.
+pub struct PrivateRedis {
+    pub port: u16,
+    pub dir: std::path::PathBuf,
+    child: Option<Child>,
+}
+
+impl PrivateRedis {
+    pub fn start() -> PrivateRedis {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(unique("outboxd_redis"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut r = PrivateRedis {
+            port,
+            dir,
+            child: None,
+        };
+        r.restart();
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts (again) on the same port and data directory.
+    pub fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                self.dir.to_str().unwrap(),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/dev-services)");
+        self.child = Some(child);
+        let start = Instant::now();
+        loop {
+            if let Ok(client) = redis::Client::open(self.url().as_str()) {
+                if let Ok(mut conn) = client.get_connection() {
+                    if redis::cmd("PING").query::<String>(&mut conn).is_ok() {
+                        return;
+                    }
+                }
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "private redis did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A TCP port nobody listens on right now.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Runs the binary with `--config cfg`, requires exit 0 and no panic, returns stdout.
+pub fn outboxd(cfg: &std::path::Path, args: &[&str]) -> String {
+    let mut all = vec!["--config", cfg.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let (code, out, err) = run_bin(&all, &[]);
+    assert_eq!(code, 0, "outboxd {args:?}: {out}{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    out
+}
+
+/// XADD one entry with a `data` field to the test's stream of `topic`.
+pub async fn xadd(streams: &TestStreams, topic: &str, data: &str) {
+    let mut conn = streams.conn().await;
+    let _: String = redis::cmd("XADD")
+        .arg(streams.key(topic))
+        .arg("*")
+        .arg("data")
+        .arg(data)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
+
+/// A ledger for `handler = "sql"` consumers: `count_event(e)` counts the applications of each
+/// event ID, so a test can prove each effect happened exactly once.
+pub async fn create_ledger(client: &tokio_postgres::Client) {
+    client
+        .batch_execute(
+            "CREATE TABLE ledger (event_id text PRIMARY KEY, applications int NOT NULL);
+             CREATE FUNCTION count_event(e jsonb) RETURNS void LANGUAGE sql AS $$
+               INSERT INTO ledger VALUES (e->>'id', 1)
+               ON CONFLICT (event_id) DO UPDATE SET applications = ledger.applications + 1 $$;",
+        )
+        .await
+        .expect("create the ledger");
+}
