@@ -27,6 +27,21 @@ impl std::fmt::Debug for Redis {
     }
 }
 
+/// A connection reserved for blocking reads (a BLOCK stalls every other command sent on the
+/// same connection), and its Redis client id.
+pub struct BlockingConnection {
+    pub conn: MultiplexedConnection,
+    pub client_id: i64,
+}
+
+impl std::fmt::Debug for BlockingConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockingConnection")
+            .field("client_id", &self.client_id)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Redis {
     /// Creates the client; connects lazily, so a Redis that is down now is not an error here.
     pub fn new(config: &RedisConfig) -> Result<Redis> {
@@ -70,15 +85,37 @@ impl Redis {
         self.commands.clone()
     }
 
-    /// A connection of its own for blocking reads of up to `block`.
-    pub async fn dedicated(&self, block: Duration) -> Result<MultiplexedConnection> {
+    /// A connection of its own for blocking reads of up to `block`, with the Redis client
+    /// id that lets the command connection wake it early.
+    pub async fn dedicated(&self, block: Duration) -> Result<BlockingConnection> {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(Some(block + Duration::from_secs(5)));
-        self.client
+        let mut conn = self
+            .client
             .get_multiplexed_async_connection_with_config(&config)
             .await
-            .map_err(Error::redis("opening a dedicated connection"))
+            .map_err(Error::redis("opening a dedicated connection"))?;
+        let client_id: i64 = redis::cmd("CLIENT")
+            .arg("ID")
+            .query_async(&mut conn)
+            .await
+            .map_err(Error::redis("CLIENT ID"))?;
+        Ok(BlockingConnection { conn, client_id })
+    }
+
+    /// Ends a blocking read on the connection with `client_id` now, as if its time had run out (`CLIENT UNBLOCK
+    /// .. TIMEOUT`). A read Redis has already answered is not affected, so whatever it
+    /// delivered still arrives: nothing is left pending unseen.
+    pub async fn unblock(&self, client_id: i64) -> Result<()> {
+        let _: i64 = redis::cmd("CLIENT")
+            .arg("UNBLOCK")
+            .arg(client_id)
+            .arg("TIMEOUT")
+            .query_async(&mut self.commands())
+            .await
+            .map_err(Error::redis("CLIENT UNBLOCK"))?;
+        Ok(())
     }
 
     pub fn prefix(&self) -> &str {

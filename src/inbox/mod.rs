@@ -557,7 +557,7 @@ RETURNING event_id"
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
         let mut backoff = Backoff::new();
         let mut rescan = true;
-        let mut blocking: Option<redis::aio::MultiplexedConnection> = None;
+        let mut blocking: Option<crate::redis_io::BlockingConnection> = None;
         let claim_every = Duration::from_millis((self.config.claim_idle_ms / 2).max(50));
         let mut last_claim = Instant::now();
         tracing::info!(consumer = %self.config.name, instance = %self.consumer_name, "consumer started");
@@ -582,30 +582,46 @@ RETURNING event_id"
                             .await?,
                     );
                 }
-                let Some(conn) = blocking.as_mut() else {
+                let Some(blocking) = blocking.as_mut() else {
                     return Ok(());
                 };
+                let client_id = blocking.client_id;
+                let conn = &mut blocking.conn;
                 let block = Duration::from_millis(self.config.block_ms)
                     .min(claim_every.saturating_sub(last_claim.elapsed()))
                     .max(Duration::from_millis(10));
                 let batch = self.config.batch_size as usize;
-                // Shutdown interrupts only this wait, never a batch being applied. A read
-                // cancelled just as Redis delivered leaves those entries pending for this
-                // consumer; the next start (or another instance's XAUTOCLAIM) finishes them.
-                let read = read::read_group(
-                    conn,
-                    &self.config.name,
-                    &self.consumer_name,
-                    &self.keys,
-                    ">",
-                    batch,
-                    Some(block.as_millis() as u64),
-                );
-                let mut entries = tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    r = read => r?,
+                // Shutdown interrupts only this wait, never a batch being applied. The read is
+                // woken, not dropped: dropped just as Redis delivered, its entries would stay
+                // pending here until a restart or another instance's XAUTOCLAIM.
+                let mut entries = {
+                    let read = read::read_group(
+                        conn,
+                        &self.config.name,
+                        &self.consumer_name,
+                        &self.keys,
+                        ">",
+                        batch,
+                        Some(block.as_millis() as u64),
+                    );
+                    tokio::pin!(read);
+                    tokio::select! {
+                        biased;
+                        r = &mut read => r?,
+                        _ = shutdown.cancelled() => {
+                            if let Err(e) = self.redis.unblock(client_id).await {
+                                tracing::warn!(consumer = %self.config.name, error = %crate::error::chain(&e), "could not wake the blocking read; leaving its entries to the next start");
+                                return Ok(());
+                            }
+                            read.await?
+                        }
+                    }
                 };
-                if !entries.is_empty() && entries.len() < batch / 4 && self.config.linger_ms > 0 {
+                if !entries.is_empty()
+                    && entries.len() < batch / 4
+                    && self.config.linger_ms > 0
+                    && !shutdown.is_cancelled()
+                {
                     tokio::time::sleep(Duration::from_millis(self.config.linger_ms)).await;
                     entries.extend(
                         read::read_group(
