@@ -448,3 +448,161 @@ pub async fn create_ledger(client: &tokio_postgres::Client) {
         .await
         .expect("create the ledger");
 }
+
+/// A PostgreSQL cluster of the test's own (`initdb` + `pg_ctl`, run as the `postgres` OS
+/// user because the server refuses root), on its own port and data directory, with trust
+/// authentication for `root` over TCP. Stopped (`-m immediate`) and deleted when dropped.
+pub struct PrivatePg {
+    pub port: u16,
+    pub dir: std::path::PathBuf,
+}
+
+/// The directory of `initdb`, `pg_ctl`, `pg_basebackup` of the installed server.
+pub fn pg_bin(tool: &str) -> String {
+    let mut dirs: Vec<_> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL server binaries in /usr/lib/postgresql (scripts/dev-services)")
+        .filter_map(|d| d.ok().map(|d| d.path()))
+        .collect();
+    dirs.sort();
+    let dir = dirs.last().expect("a PostgreSQL version directory");
+    dir.join("bin").join(tool).to_string_lossy().into_owned()
+}
+
+/// Runs a PostgreSQL tool as the `postgres` OS user; panics with its output on failure.
+fn as_postgres(tool: &str, args: &[&str]) {
+    let out = Command::new("runuser")
+        .args(["-u", "postgres", "--", &pg_bin(tool)])
+        .args(args)
+        .output()
+        .expect("runuser");
+    assert!(
+        out.status.success(),
+        "{tool} {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl PrivatePg {
+    /// A fresh cluster; `settings` are appended to its postgresql.conf before the start.
+    pub fn start(settings: &[&str]) -> PrivatePg {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(unique("outboxd_pg"));
+        as_postgres(
+            "initdb",
+            &[
+                "-D",
+                dir.to_str().unwrap(),
+                "-U",
+                "root",
+                "-A",
+                "trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ],
+        );
+        let pg = PrivatePg { port, dir };
+        pg.configure(settings);
+        pg.pg_ctl(&["start"]);
+        pg
+    }
+
+    /// A streaming standby of `primary` (pg_basebackup -R), started on its own port.
+    pub fn standby_of(primary: &PrivatePg) -> PrivatePg {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(unique("outboxd_pg_standby"));
+        as_postgres(
+            "pg_basebackup",
+            &[
+                "-D",
+                dir.to_str().unwrap(),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &primary.port.to_string(),
+                "-U",
+                "root",
+                "-R",
+                "-X",
+                "stream",
+                "--no-sync",
+            ],
+        );
+        let pg = PrivatePg { port, dir };
+        pg.configure(&[]);
+        pg.pg_ctl(&["start"]);
+        pg
+    }
+
+    fn configure(&self, settings: &[&str]) {
+        use std::io::Write;
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.join("postgresql.conf"))
+            .unwrap();
+        writeln!(
+            conf,
+            "\nport = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nfsync = off\nmax_connections = 200",
+            self.port,
+            self.dir.display()
+        )
+        .unwrap();
+        for s in settings {
+            writeln!(conf, "{s}").unwrap();
+        }
+    }
+
+    pub fn pg_ctl(&self, args: &[&str]) {
+        let log = self.dir.join("server.log");
+        let mut all = vec![
+            "-D",
+            self.dir.to_str().unwrap(),
+            "-l",
+            log.to_str().unwrap(),
+            "-w",
+        ];
+        all.extend_from_slice(args);
+        as_postgres("pg_ctl", &all);
+    }
+
+    /// `postgres://root@127.0.0.1:<port>/<db>`
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://root@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Creates a database and returns its URL.
+    pub async fn create_db(&self, db: &str) -> String {
+        let admin = pg_connect(&self.url("postgres")).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE \"{db}\""))
+            .await
+            .expect("create database");
+        self.url(db)
+    }
+
+    /// Crash and recover: `pg_ctl restart -m immediate` (no checkpoint, WAL replay).
+    pub fn crash_restart(&self) {
+        self.pg_ctl(&["restart", "-m", "immediate"]);
+    }
+
+    pub fn promote(&self) {
+        self.pg_ctl(&["promote"]);
+    }
+
+    pub fn stop(&self) {
+        self.pg_ctl(&["stop", "-m", "immediate"]);
+    }
+}
+
+impl Drop for PrivatePg {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--", &pg_bin("pg_ctl")])
+            .args(["-D", self.dir.to_str().unwrap(), "stop", "-m", "immediate"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
