@@ -526,6 +526,8 @@ impl PrivatePg {
                 "-R",
                 "-X",
                 "stream",
+                "-c",
+                "fast",
                 "--no-sync",
             ],
         );
@@ -606,3 +608,4 @@ impl Drop for PrivatePg {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+pub mod workload;
