@@ -20,6 +20,10 @@
 //!
 //! Sizes: BENCH_RELAY_ROWS, BENCH_CONSUME_EVENTS, BENCH_RUNS (the test suite runs it tiny);
 //! BENCH_ONLY=relay, consume or latency runs one part (the others' figures are 0).
+//!
+//! BENCH_ONLY=scale measures instead what each added instance brings: the same relay drain
+//! and consume run by 1, 2 and 4 processes at once (`relay --once` / `consume --once`, all
+//! started together; rate = work / wall time until the last one exits), one JSON line.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::{Command, Stdio};
@@ -607,6 +611,61 @@ async fn latency_run(b: &Bench, seconds: u64) -> (f64, f64, f64) {
     )
 }
 
+/// N processes of `outboxd <args>` at once; seconds until the last one exits.
+fn processes_at_once(b: &Bench, n: usize, args: &[&str]) -> f64 {
+    let started = Instant::now();
+    let children: Vec<_> = (0..n)
+        .map(|_| {
+            Command::new(env!("CARGO_BIN_EXE_outboxd"))
+                .arg("--config")
+                .arg(&b.config)
+                .args(args)
+                .env("OUTBOXD_LOG", "warn")
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut c in children {
+        assert!(c.wait().unwrap().success(), "outboxd {args:?} failed");
+    }
+    started.elapsed().as_secs_f64()
+}
+
+/// Relay and consume rates with 1, 2 and 4 processes sharing the work.
+async fn scale_run(b: &Bench, rows: i64, orders: u64, events: u64) -> serde_json::Value {
+    let client = connect(&b.url).await;
+    let mut relay = serde_json::Map::new();
+    let mut consume = serde_json::Map::new();
+    for n in [1usize, 2, 4] {
+        b.fill_outbox(&client, rows, 20_000.min(rows.max(1))).await;
+        b.clear_streams().await;
+        let secs = processes_at_once(b, n, &["relay", "--once"]);
+        let left: i64 = client
+            .query_one("SELECT count(*) FROM outbox", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(left, 0, "outbox drained");
+        let rate = (rows as f64 / secs).round();
+        eprintln!("  {n} relay process(es): {rows} rows in {secs:.2} s ({rate} rows/s)");
+        relay.insert(n.to_string(), rate.into());
+
+        reset_orders(&client, orders).await;
+        publish_events(b, &consume_events(orders, events)).await;
+        let secs = processes_at_once(b, n, &["consume", "--once"]);
+        let inbox: i64 = client
+            .query_one("SELECT count(DISTINCT event_id) FROM inbox", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let rate = (events as f64 / secs).round();
+        eprintln!("  {n} consumer process(es): {events} events ({inbox} distinct) in {secs:.2} s ({rate} events/s)");
+        consume.insert(n.to_string(), rate.into());
+    }
+    serde_json::json!({"relay_events_per_sec_by_processes": relay, "consume_events_per_sec_by_processes": consume, "relay_rows": rows, "consume_events": events})
+}
+
 #[tokio::main]
 async fn main() {
     let relay_rows = env_num("BENCH_RELAY_ROWS", 200_000) as i64;
@@ -618,6 +677,17 @@ async fn main() {
     let (mut relay, mut relay_limit, mut consume, mut consume_limit, mut rss) =
         (vec![], vec![], vec![], vec![], vec![]);
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    if only == "scale" {
+        let result = scale_run(&b, relay_rows, orders, events).await;
+        b.clear_streams().await;
+        let admin = connect(&pg_admin()).await;
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", b.db))
+            .await
+            .unwrap();
+        println!("{result}");
+        return;
+    }
     let latency_seconds = env_num("BENCH_LATENCY_SECONDS", 20);
     let (mut lat50, mut lat99, mut e2e99) = (vec![], vec![], vec![]);
     for run in 0..runs {
