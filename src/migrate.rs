@@ -11,6 +11,7 @@ const OUTBOX_V1: &str = include_str!("../sql/migrations/0001_outbox.sql");
 const OUTBOX_ARCHIVE_V2: &str = include_str!("../sql/migrations/0004_outbox_archive.sql");
 const INBOX_V1: &str = include_str!("../sql/migrations/0002_inbox.sql");
 const ORDERS_V1: &str = include_str!("../sql/migrations/0003_orders.sql");
+const ORDERS_PROGRESS_V2: &str = include_str!("../sql/migrations/0005_fulfillment_progress.sql");
 
 const LEDGER: &str = "CREATE TABLE IF NOT EXISTS outboxd_migrations (
     target     text        NOT NULL,
@@ -77,7 +78,10 @@ fn orders_target(consumer: &ConsumerConfig) -> Target {
         .replace("{{updated_at}}", &quote_ident(&o.updated_at_column));
     Target {
         key: format!("orders:{}", o.table),
-        steps: vec![(1, "orders", sql)],
+        steps: vec![
+            (1, "orders", sql),
+            (2, "fulfillment progress", ORDERS_PROGRESS_V2.to_string()),
+        ],
     }
 }
 

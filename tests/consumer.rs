@@ -340,6 +340,35 @@ async fn two_warehouses_follow_the_aggregate() {
 }
 
 #[tokio::test]
+async fn a_cancellation_arriving_first_does_not_erase_started_work() {
+    // found by the rules' property test: warehouse B planned, then cancelled; A is pending.
+    // In order the order went to processing; with B's cancellation first it must too.
+    let s = setup("cancel_first", "").await;
+    for order in ["in-order", "reversed"] {
+        s.order(order, "confirmed").await;
+    }
+    s.fulfillment("a1", "in-order", "fA", "pending", Some(2))
+        .await;
+    s.fulfillment("a2", "in-order", "fB", "planning", Some(2))
+        .await;
+    s.fulfillment("a3", "in-order", "fB", "cancelled", Some(2))
+        .await;
+    s.fulfillment("b3", "reversed", "fB", "cancelled", Some(2))
+        .await;
+    s.fulfillment("b1", "reversed", "fA", "pending", Some(2))
+        .await;
+    s.fulfillment("b2", "reversed", "fB", "planning", Some(2))
+        .await;
+    s.drain().await;
+    assert_eq!(s.status("in-order").await, "processing");
+    assert_eq!(s.status("reversed").await, "processing");
+    assert_eq!(
+        s.history("reversed").await,
+        vec![("confirmed".to_string(), "processing".to_string())]
+    );
+}
+
+#[tokio::test]
 async fn duplicates_and_replays_change_nothing() {
     let s = setup("dups", "").await;
     s.order("o1", "confirmed").await;

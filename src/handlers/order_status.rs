@@ -1,13 +1,13 @@
 //! The `order_status` handler: fulfillment events drive the order's status. The decision is
 //! the pure `rules` module's; this file is the thin SQL around it: lock the order row, fold
-//! the fulfillment's status into `order_fulfillments` (highest rank wins, so arrival order
-//! and duplicates do not matter), and when the rules say so, update the order, append to
+//! the fulfillment's status into `order_fulfillments` (highest rank and furthest progress win,
+//! so arrival order and duplicates do not matter), and when the rules say so, update the order, append to
 //! `order_status_history` and write an `order.status_changed` event to the outbox, all in the
 //! inbox transaction.
 
 use super::rules::{
-    aggregate_target, decide, CurrentStatus, Decision, FulfillmentStatus, OrderStatus,
-    StatusMapping,
+    aggregate_target, decide, CurrentStatus, Decision, FulfillmentState, FulfillmentStatus,
+    OrderStatus, StatusMapping,
 };
 use super::{HandleError, Outcome};
 use crate::config::ConsumerConfig;
@@ -48,22 +48,27 @@ impl OrderStatusHandler {
     SELECT {status}::text AS status FROM {orders} WHERE {id} = $1 FOR UPDATE
 ), up AS (
     INSERT INTO order_fulfillments AS f
-        (order_id, fulfillment_id, status, status_rank, expected_count, last_event_id)
-    SELECT $1, $2, $3, $4, $5, $6 FROM o
+        (order_id, fulfillment_id, status, status_rank, progress_rank, expected_count, last_event_id)
+    SELECT $1, $2, $3, $4, $7, $5, $6 FROM o
     ON CONFLICT (order_id, fulfillment_id) DO UPDATE SET
         status = CASE WHEN EXCLUDED.status_rank > f.status_rank THEN EXCLUDED.status ELSE f.status END,
         status_rank = GREATEST(f.status_rank, EXCLUDED.status_rank),
+        progress_rank = GREATEST(f.progress_rank, EXCLUDED.progress_rank),
         expected_count = GREATEST(f.expected_count, EXCLUDED.expected_count),
         last_event_id = EXCLUDED.last_event_id,
         updated_at = now()
-    RETURNING f.status_rank, f.expected_count
+    RETURNING f.status_rank, f.progress_rank, f.expected_count
+), all_f AS (
+    SELECT status_rank, progress_rank FROM order_fulfillments WHERE order_id = $1 AND fulfillment_id <> $2
+    UNION ALL SELECT status_rank, progress_rank FROM up
 )
 SELECT (SELECT status FROM o),
-       ARRAY(SELECT status_rank FROM order_fulfillments WHERE order_id = $1 AND fulfillment_id <> $2
-             UNION ALL SELECT status_rank FROM up)::smallint[],
+       coalesce(array_agg(status_rank), '{{}}')::smallint[],
+       coalesce(array_agg(progress_rank), '{{}}')::smallint[],
        GREATEST((SELECT max(expected_count) FROM order_fulfillments
                  WHERE order_id = $1 AND fulfillment_id <> $2),
-                (SELECT expected_count FROM up))"
+                (SELECT expected_count FROM up))
+FROM all_f"
         );
         let lock_order = format!("SELECT {status}::text FROM {orders} WHERE {id} = $1 FOR UPDATE");
         let apply = format!(
@@ -151,6 +156,7 @@ VALUES ('{ORDER_STATUS_CHANGED}', $1, jsonb_build_object(
                     &status.rank(),
                     &expected,
                     &event.event_id,
+                    &FulfillmentState::progress_rank(status),
                 ],
             )
             .await
@@ -162,10 +168,17 @@ VALUES ('{ORDER_STATUS_CHANGED}', $1, jsonb_build_object(
             )));
         };
         let ranks: Vec<i16> = row.get(1);
-        let expected: Option<i32> = row.get(2);
-        let fulfillments: Vec<FulfillmentStatus> = ranks
+        let progress: Vec<i16> = row.get(2);
+        let expected: Option<i32> = row.get(3);
+        let fulfillments: Vec<FulfillmentState> = ranks
             .into_iter()
-            .filter_map(FulfillmentStatus::from_rank)
+            .zip(progress)
+            .filter_map(|(status, furthest)| {
+                Some(FulfillmentState {
+                    status: FulfillmentStatus::from_rank(status)?,
+                    furthest: FulfillmentStatus::from_rank(furthest),
+                })
+            })
             .collect();
         let expected = expected.and_then(|n| u32::try_from(n).ok());
         let target = aggregate_target(&fulfillments, expected, &self.mapping);

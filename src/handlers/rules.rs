@@ -244,11 +244,50 @@ impl StatusMapping {
     }
 }
 
-/// The order status implied by all of an order's fulfillments (each at the maximum status it
-/// has been seen in). `expected_count` guards against concluding "all shipped" or "all
-/// cancelled" from the first warehouse to report when others have not reported yet.
+/// What one fulfillment's events say, folded so that their arrival order and duplicates do
+/// not matter: the highest status reported (by rank; a late "picking" after "shipped" changes
+/// nothing) and the furthest forward status reported, which a cancellation does not erase: a
+/// warehouse that started picking and then cancelled did start, whether or not the
+/// cancellation arrived first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FulfillmentState {
+    pub status: FulfillmentStatus,
+    pub furthest: Option<FulfillmentStatus>,
+}
+
+impl FulfillmentState {
+    /// The state after a first report.
+    pub fn of(reported: FulfillmentStatus) -> FulfillmentState {
+        FulfillmentState {
+            status: reported,
+            furthest: Self::progress(reported),
+        }
+    }
+
+    /// The state after one more report.
+    pub fn fold(self, reported: FulfillmentStatus) -> FulfillmentState {
+        FulfillmentState {
+            status: self.status.max(reported),
+            furthest: self.furthest.max(Self::progress(reported)),
+        }
+    }
+
+    /// What a report adds to `furthest`: itself, unless it is the cancellation.
+    pub fn progress(reported: FulfillmentStatus) -> Option<FulfillmentStatus> {
+        (reported != FulfillmentStatus::Cancelled).then_some(reported)
+    }
+
+    /// `furthest` as the SQL layer stores it (-1: none yet).
+    pub fn progress_rank(reported: FulfillmentStatus) -> i16 {
+        Self::progress(reported).map_or(-1, FulfillmentStatus::rank)
+    }
+}
+
+/// The order status implied by all of an order's fulfillments. `expected_count` guards
+/// against concluding "all shipped" or "all cancelled" from the first warehouse to report
+/// when others have not reported yet.
 pub fn aggregate_target(
-    fulfillments: &[FulfillmentStatus],
+    fulfillments: &[FulfillmentState],
     expected_count: Option<u32>,
     mapping: &StatusMapping,
 ) -> Option<OrderStatus> {
@@ -257,8 +296,10 @@ pub fn aggregate_target(
         None => true,
         Some(n) => usize::try_from(n).is_ok_and(|n| known >= n),
     };
-    let targets: Vec<Option<OrderStatus>> =
-        fulfillments.iter().map(|&f| mapping.target(f)).collect();
+    let targets: Vec<Option<OrderStatus>> = fulfillments
+        .iter()
+        .map(|f| mapping.target(f.status))
+        .collect();
     let is_cancelled = |t: &Option<OrderStatus>| *t == Some(OrderStatus::Cancelled);
 
     if known > 0 && complete && targets.iter().all(is_cancelled) {
@@ -271,10 +312,13 @@ pub fn aggregate_target(
     if complete && !active.is_empty() && active.iter().all(|t| *t == Some(OrderStatus::Shipped)) {
         return Some(OrderStatus::Shipped);
     }
-    if active
-        .iter()
-        .any(|t| matches!(t, Some(OrderStatus::Processing | OrderStatus::Shipped)))
-    {
+    // Work has started somewhere (even if that warehouse cancelled since).
+    if fulfillments.iter().any(|f| {
+        matches!(
+            f.furthest.and_then(|s| mapping.target(s)),
+            Some(OrderStatus::Processing | OrderStatus::Shipped)
+        )
+    }) {
         return Some(OrderStatus::Processing);
     }
     None
@@ -667,15 +711,20 @@ mod tests {
         assert_eq!(aggregate_target(&[], None, &m), None);
         assert_eq!(aggregate_target(&[], Some(2), &m), None);
         for f in F::ALL {
-            assert_eq!(aggregate_target(&[f], None, &m), m.target(f), "{f}");
-            assert_eq!(aggregate_target(&[f], Some(1), &m), m.target(f), "{f}");
+            let one = [FulfillmentState::of(f)];
+            assert_eq!(aggregate_target(&one, None, &m), m.target(f), "{f}");
+            assert_eq!(aggregate_target(&one, Some(1), &m), m.target(f), "{f}");
         }
     }
 
     #[test]
     fn two_warehouses() {
         let m = StatusMapping::default();
-        let agg = |fs: &[F], n: Option<u32>| aggregate_target(fs, n, &m);
+        let agg = |fs: &[F], n: Option<u32>| {
+            let states: Vec<FulfillmentState> =
+                fs.iter().map(|&f| FulfillmentState::of(f)).collect();
+            aggregate_target(&states, n, &m)
+        };
         assert_eq!(agg(&[F::Shipped, F::Picking], None), Some(O::Processing));
         assert_eq!(agg(&[F::Shipped, F::Picking], Some(2)), Some(O::Processing));
         assert_eq!(agg(&[F::Shipped, F::Completed], Some(2)), Some(O::Shipped));
@@ -735,7 +784,7 @@ mod tests {
 
     struct Sim {
         current: CurrentStatus,
-        fulfillments: BTreeMap<&'static str, FulfillmentStatus>,
+        fulfillments: BTreeMap<&'static str, FulfillmentState>,
         expected: Option<u32>,
         seen: BTreeSet<u32>,
         mapping: StatusMapping,
@@ -763,10 +812,13 @@ mod tests {
                     status,
                     count,
                 } => {
-                    let slot = self.fulfillments.entry(fulfillment).or_insert(status);
-                    *slot = (*slot).max(status);
+                    let slot = self
+                        .fulfillments
+                        .entry(fulfillment)
+                        .or_insert(FulfillmentState::of(status));
+                    *slot = slot.fold(status);
                     self.expected = self.expected.max(count);
-                    let fs: Vec<F> = self.fulfillments.values().copied().collect();
+                    let fs: Vec<FulfillmentState> = self.fulfillments.values().copied().collect();
                     aggregate_target(&fs, self.expected, &self.mapping)
                 }
             };
@@ -985,6 +1037,91 @@ mod tests {
                 let got = run(initial, perm.iter().map(|&i| events[i]));
                 assert_eq!(got, CurrentStatus::Frozen(initial.to_string()));
             }
+        }
+    }
+
+    // ---- the same property, over generated histories -----------------------------------
+
+    /// Forward statuses a warehouse may report, in order (Cancelled aside).
+    const FORWARD: [F; 9] = [
+        F::Pending,
+        F::Planning,
+        F::Picking,
+        F::Picked,
+        F::Packing,
+        F::Packed,
+        F::Ready,
+        F::Shipped,
+        F::Completed,
+    ];
+    const WAREHOUSES: [&str; 3] = ["wh-a", "wh-b", "wh-c"];
+
+    /// A consistent history: per warehouse an increasing run of forward statuses (a subset
+    /// picked by `mask`, up to `end`), cut short by a cancellation before shipping when
+    /// `cancel`; `fulfillment_count` announced on every event when there are several
+    /// warehouses; a delivery confirmation only when every warehouse shipped or cancelled and
+    /// at least one shipped, as in the real world.
+    fn generated_history(warehouses: &[(usize, u16, bool)], delivered: bool) -> Vec<Event> {
+        let count = (warehouses.len() > 1).then_some(warehouses.len() as u32);
+        let mut steps = Vec::new();
+        let mut shipped = 0;
+        for (w, &(end, mask, cancel)) in warehouses.iter().enumerate() {
+            let cancel = cancel && end < 7;
+            for (i, &status) in FORWARD.iter().enumerate().take(end + 1) {
+                if mask & (1 << i) != 0 || i == end {
+                    steps.push((Some(WAREHOUSES[w]), Some(status), count));
+                }
+            }
+            if cancel {
+                steps.push((Some(WAREHOUSES[w]), Some(F::Cancelled), count));
+            } else if end >= 7 {
+                shipped += 1;
+            }
+        }
+        let all_done = warehouses
+            .iter()
+            .all(|&(end, _, cancel)| end >= 7 || cancel);
+        if delivered && all_done && shipped > 0 {
+            steps.push((None, None, None));
+        }
+        history(&steps)
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// Any interleaving of an order's events, with redeliveries under the same or a new
+        /// event id, ends where the in-order history ends.
+        #[test]
+        fn any_interleaving_and_duplication_ends_like_the_in_order_history(
+            warehouses in proptest::collection::vec((0usize..9, proptest::prelude::any::<u16>(), proptest::prelude::any::<bool>()), 1..=3),
+            delivered in proptest::prelude::any::<bool>(),
+            initial in proptest::sample::select(vec!["pending", "payment_confirmed", "confirmed", "processing"]),
+            seed in 1u64..,
+            duplicates in 0usize..4,
+        ) {
+            let events = generated_history(&warehouses, delivered);
+            let in_order = run(initial, events.iter().copied());
+            let mut rng = XorShift(seed);
+            let mut shuffled = events.clone();
+            for i in (1..shuffled.len()).rev() {
+                shuffled.swap(i, rng.below(i + 1));
+            }
+            for n in 0..duplicates {
+                let mut dup = events[rng.below(events.len())];
+                if rng.below(2) == 0 {
+                    dup.id = 10_000 + n as u32;
+                }
+                let at = rng.below(shuffled.len() + 1);
+                shuffled.insert(at, dup);
+            }
+            proptest::prop_assert_eq!(
+                run(initial, shuffled.iter().copied()),
+                in_order,
+                "history {:?}, delivered as {:?}",
+                events,
+                shuffled
+            );
         }
     }
 }
