@@ -211,3 +211,103 @@ fn very_long_and_malicious_config_values_exit_2() {
         assert!(!err.contains("panicked"));
     }
 }
+
+#[tokio::test]
+async fn contract_breaking_outbox_rows_are_refused_or_dead_lettered() {
+    let (db, streams, cfg) = setup("contract").await;
+    let client = db.client().await;
+    client
+        .execute(
+            "INSERT INTO orders (id, status) VALUES ('o1', 'confirmed')",
+            &[],
+        )
+        .await
+        .unwrap();
+    // NULLs where the contract says NOT NULL: refused at the producer's INSERT, so they can
+    // never reach (or stall) the relay
+    for (column, sql) in [
+        ("topic", "INSERT INTO outbox (topic, aggregate_id, payload) VALUES (NULL, 'a', '{}')"),
+        ("aggregate_id", "INSERT INTO outbox (topic, aggregate_id, payload) VALUES ('t', NULL, '{}')"),
+        ("payload", "INSERT INTO outbox (topic, aggregate_id, payload) VALUES ('t', 'a', NULL)"),
+        ("headers", "INSERT INTO outbox (topic, aggregate_id, payload, headers) VALUES ('t', 'a', '{}', NULL)"),
+    ] {
+        let e = client.execute(sql, &[]).await.unwrap_err();
+        assert_eq!(
+            e.code(),
+            Some(&tokio_postgres::error::SqlState::NOT_NULL_VIOLATION),
+            "{column}: {e:?}"
+        );
+    }
+    // payloads that are valid JSON but not the object the contract promises: relayed as they
+    // are (the relay does not judge payloads), dead-lettered by the consumer with a reason
+    for payload in ["null", "\"a string\"", "[1, 2]", "{\"order_id\": null}"] {
+        client
+            .execute(
+                "INSERT INTO outbox (topic, aggregate_id, payload) VALUES ($1, 'o1', $2::text::jsonb)",
+                &[&FSC, &payload],
+            )
+            .await
+            .unwrap();
+    }
+    client
+        .execute(
+            "INSERT INTO outbox (topic, aggregate_id, payload) VALUES ($1, 'o1',
+               '{\"order_id\": \"o1\", \"fulfillment_id\": \"f\", \"new_status\": \"picking\"}')",
+            &[&FSC],
+        )
+        .await
+        .unwrap();
+    let out = outboxd(&cfg, &["relay", "--once"]);
+    assert!(out.contains("5 rows"), "{out}");
+    let out = outboxd(&cfg, &["consume", "--once"]);
+    assert!(out.contains("1 applied"), "{out}");
+    assert!(out.contains("4 dead-lettered"), "{out}");
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM orders WHERE status = 'processing'"
+        )
+        .await,
+        1
+    );
+    let dead: i64 = redis::cmd("XLEN")
+        .arg(format!("{}:dlq", streams.key(FSC)))
+        .query_async(&mut streams.conn().await)
+        .await
+        .unwrap();
+    assert_eq!(dead, 4);
+}
+
+#[tokio::test]
+async fn an_event_of_several_megabytes_is_applied_and_others_flow() {
+    let (db, streams, cfg) = setup("bigevent").await;
+    let client = db.client().await;
+    for o in ["o1", "o2"] {
+        client
+            .execute(
+                "INSERT INTO orders (id, status) VALUES ($1, 'confirmed')",
+                &[&o],
+            )
+            .await
+            .unwrap();
+    }
+    let big = json!({"specversion": "1.0", "id": "big", "source": "t", "type": FSC,
+        "data": {"order_id": "o1", "fulfillment_id": "f", "new_status": "picking",
+                 "metadata": {"notes": "n".repeat(5_000_000)}}})
+    .to_string();
+    xadd(&streams, FSC, &big).await;
+    let small = json!({"specversion": "1.0", "id": "small", "source": "t", "type": FSC,
+        "data": {"order_id": "o2", "fulfillment_id": "f", "new_status": "shipped"}})
+    .to_string();
+    xadd(&streams, FSC, &small).await;
+    let out = outboxd(&cfg, &["consume", "--once"]);
+    assert!(out.contains("2 applied"), "{out}");
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM orders WHERE status IN ('processing', 'shipped')"
+        )
+        .await,
+        2
+    );
+}
