@@ -55,6 +55,9 @@ pub struct RedisConfig {
     /// `redis://` or `rediss://` URL of a single Redis server.
     #[serde(default = "defaults::redis_url")]
     pub url: String,
+    /// Instead of `url`: seed node URLs of a Redis Cluster.
+    #[serde(default)]
+    pub cluster: Vec<String>,
     /// Prepended to every stream key.
     #[serde(default)]
     pub stream_prefix: String,
@@ -70,6 +73,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
             url: defaults::redis_url(),
+            cluster: Vec::new(),
             stream_prefix: String::new(),
             response_timeout_ms: defaults::redis_response_timeout_ms(),
             connect_timeout_ms: defaults::redis_connect_timeout_ms(),
@@ -416,6 +420,20 @@ impl Config {
                 "redis.url",
                 format!("{} is not a redis:// or rediss:// URL", redact_url(&r.url)),
             ));
+        }
+        if !r.cluster.is_empty() && r.url != defaults::redis_url() {
+            return Err(ConfigError::new(
+                "redis.cluster",
+                "set either redis.url (one server) or redis.cluster (seed nodes), not both",
+            ));
+        }
+        for (i, node) in r.cluster.iter().enumerate() {
+            if !(node.starts_with("redis://") || node.starts_with("rediss://")) {
+                return Err(ConfigError::new(
+                    format!("redis.cluster[{i}]"),
+                    format!("{} is not a redis:// or rediss:// URL", redact_url(node)),
+                ));
+            }
         }
         validate_text("redis.stream_prefix", &r.stream_prefix, 200, true)?;
         positive("redis.response_timeout_ms", r.response_timeout_ms)?;
@@ -869,6 +887,19 @@ url = "postgres://root@127.0.0.1/fulfillment"
 [[relays]]
 database = "fulfillment"
 "#
+    }
+
+    #[test]
+    fn redis_cluster_or_url_not_both() {
+        let ok = Config::parse("[redis]\ncluster = [\"redis://127.0.0.1:7000\"]\n").unwrap();
+        ok.validate().unwrap();
+        let both = Config::parse(
+            "[redis]\nurl = \"redis://other:6379\"\ncluster = [\"redis://127.0.0.1:7000\"]\n",
+        )
+        .unwrap();
+        assert_eq!(both.validate().unwrap_err().key, "redis.cluster");
+        let bad = Config::parse("[redis]\ncluster = [\"http://x\"]\n").unwrap();
+        assert_eq!(bad.validate().unwrap_err().key, "redis.cluster[0]");
     }
 
     #[test]

@@ -1,18 +1,26 @@
 //! Redis connections: one managed, multiplexed connection per process for ordinary commands
 //! (it reconnects by itself with backoff), and a dedicated connection per blocking read (a
 //! `XREADGROUP ... BLOCK` would stall a shared connection, and its response timeout must
-//! exceed the block time). Also stream key naming and the classification of Redis errors.
+//! exceed the block time); or, with `[redis] cluster`, the redis crate's async cluster
+//! connection, with pipelines split per key so none crosses a slot. Also stream key naming
+//! and the classification of Redis errors.
 
 use crate::config::{redact_url, ConfigError, RedisConfig};
 use crate::error::{Error, Result};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, Client};
+use redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
+};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{AsyncConnectionConfig, Client, Cmd, Pipeline, RedisFuture, RedisResult, Value};
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Clone)]
 pub struct Redis {
-    client: Client,
-    commands: ConnectionManager,
+    /// The single server's client (for dedicated connections); `None` on a cluster.
+    client: Option<Client>,
+    commands: Conn,
     prefix: String,
     connect_timeout: Duration,
     /// Topics published to several streams: topic -> number of partitions (> 1).
@@ -23,15 +31,153 @@ impl std::fmt::Debug for Redis {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Redis")
             .field("prefix", &self.prefix)
+            .field("cluster", &self.is_cluster())
             .finish_non_exhaustive()
     }
 }
 
+/// A connection to a single Redis or to a Redis Cluster, used the same way by everyone:
+/// every command outboxd sends names one key (or none), so the cluster client routes each
+/// to its shard; pipelines go through [`pipeline_by_key`], which keeps them within one slot.
+#[derive(Clone)]
+pub enum Conn {
+    /// The shared, self-reconnecting connection of a single server.
+    Managed(ConnectionManager),
+    /// A connection of its own (blocking reads) to a single server.
+    Dedicated(MultiplexedConnection),
+    /// The cluster connection (it follows slot moves and reconnects by itself), opened on
+    /// first use so that a cluster that is down at start is retried like a lost server.
+    Cluster(LazyCluster),
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Conn::Managed(_) => "Conn::Managed",
+            Conn::Dedicated(_) => "Conn::Dedicated",
+            Conn::Cluster(_) => "Conn::Cluster",
+        })
+    }
+}
+
+#[derive(Clone)]
+pub struct LazyCluster {
+    inner: Arc<(ClusterClient, tokio::sync::OnceCell<ClusterConnection>)>,
+}
+
+impl std::fmt::Debug for LazyCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LazyCluster")
+            .field("connected", &self.inner.1.initialized())
+            .finish_non_exhaustive()
+    }
+}
+
+impl LazyCluster {
+    async fn get(&self) -> RedisResult<ClusterConnection> {
+        let (client, conn) = &*self.inner;
+        conn.get_or_try_init(|| client.get_async_connection())
+            .await
+            .cloned()
+    }
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Managed(c) => c.req_packed_command(cmd),
+            Conn::Dedicated(c) => c.req_packed_command(cmd),
+            Conn::Cluster(lazy) => Box::pin(async move {
+                let mut c = lazy.get().await?;
+                c.req_packed_command(cmd).await
+            }),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Managed(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Dedicated(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(lazy) => Box::pin(async move {
+                let mut c = lazy.get().await?;
+                c.req_packed_commands(cmd, offset, count).await
+            }),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        0
+    }
+}
+
+/// Runs `commands`, each paired with the one key it touches, in as few round trips as the
+/// deployment allows: one pipeline on a single server; on a cluster one pipeline per key (a
+/// pipeline must stay within one slot), all sent at once. Results come back in the order of
+/// `commands`, an error reply as that command's own result; a connection failure fails all.
+pub async fn pipeline_by_key(
+    conn: &mut Conn,
+    commands: Vec<(String, Cmd)>,
+) -> RedisResult<Vec<RedisResult<Value>>> {
+    if commands.is_empty() {
+        return Ok(Vec::new());
+    }
+    if !matches!(conn, Conn::Cluster(_)) {
+        let mut pipe = redis::pipe();
+        for (_, cmd) in &commands {
+            pipe.add_command(cmd.clone());
+        }
+        return pipe.ignore_errors().query_async(conn).await;
+    }
+    let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
+    for (i, (key, _)) in commands.iter().enumerate() {
+        match groups.iter_mut().find(|(k, _)| k == key) {
+            Some((_, members)) => members.push(i),
+            None => groups.push((key.clone(), vec![i])),
+        }
+    }
+    let runs = groups.iter().map(|(_, members)| {
+        let mut pipe = redis::pipe();
+        for &i in members {
+            pipe.add_command(commands[i].1.clone());
+        }
+        let mut conn = conn.clone();
+        async move {
+            pipe.ignore_errors()
+                .query_async::<Vec<RedisResult<Value>>>(&mut conn)
+                .await
+        }
+    });
+    let answers = futures_util::future::join_all(runs).await;
+    let mut out: Vec<Option<RedisResult<Value>>> = (0..commands.len()).map(|_| None).collect();
+    for ((_, members), answer) in groups.iter().zip(answers) {
+        for (&i, result) in members.iter().zip(answer?) {
+            out[i] = Some(result);
+        }
+    }
+    Ok(out
+        .into_iter()
+        .map(|r| {
+            r.unwrap_or_else(|| {
+                Err(redis::RedisError::from((
+                    redis::ErrorKind::Client,
+                    "missing pipeline reply",
+                )))
+            })
+        })
+        .collect())
+}
+
 /// A connection reserved for blocking reads (a BLOCK stalls every other command sent on the
-/// same connection), and its Redis client id.
+/// same connection), and its Redis client id (single server only: on a cluster, reads do
+/// not block, see `inbox`).
 pub struct BlockingConnection {
-    pub conn: MultiplexedConnection,
-    pub client_id: i64,
+    pub conn: Conn,
+    pub client_id: Option<i64>,
 }
 
 impl std::fmt::Debug for BlockingConnection {
@@ -45,15 +191,38 @@ impl std::fmt::Debug for BlockingConnection {
 impl Redis {
     /// Creates the client; connects lazily, so a Redis that is down now is not an error here.
     pub fn new(config: &RedisConfig) -> Result<Redis> {
+        let connect_timeout = Duration::from_millis(config.connect_timeout_ms);
+        let response_timeout = Duration::from_millis(config.response_timeout_ms);
+        if !config.cluster.is_empty() {
+            let client = ClusterClient::builder(config.cluster.iter().map(String::as_str))
+                .connection_timeout(connect_timeout)
+                .response_timeout(response_timeout)
+                .build()
+                .map_err(|e| {
+                    let nodes: Vec<String> = config.cluster.iter().map(|u| redact_url(u)).collect();
+                    ConfigError::new(
+                        "redis.cluster",
+                        format!("{} is not usable: {e}", nodes.join(", ")),
+                    )
+                })?;
+            return Ok(Redis {
+                client: None,
+                commands: Conn::Cluster(LazyCluster {
+                    inner: Arc::new((client, tokio::sync::OnceCell::new())),
+                }),
+                prefix: config.stream_prefix.clone(),
+                connect_timeout,
+                partitions: std::collections::HashMap::new(),
+            });
+        }
         let client = Client::open(config.url.as_str()).map_err(|e| {
             ConfigError::new(
                 "redis.url",
                 format!("{} is not usable: {e}", redact_url(&config.url)),
             )
         })?;
-        let connect_timeout = Duration::from_millis(config.connect_timeout_ms);
         let manager_config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(Duration::from_millis(config.response_timeout_ms)))
+            .set_response_timeout(Some(response_timeout))
             .set_connection_timeout(Some(connect_timeout))
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_secs(5))
@@ -61,8 +230,8 @@ impl Redis {
         let commands = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
             .map_err(Error::redis("creating the connection manager"))?;
         Ok(Redis {
-            client,
-            commands,
+            client: Some(client),
+            commands: Conn::Managed(commands),
             prefix: config.stream_prefix.clone(),
             connect_timeout,
             partitions: std::collections::HashMap::new(),
@@ -80,19 +249,29 @@ impl Redis {
         Ok(redis)
     }
 
+    /// Whether this is a Redis Cluster (streams spread over shards).
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.commands, Conn::Cluster(_))
+    }
+
     /// The shared connection for non-blocking commands. Cheap to clone.
-    pub fn commands(&self) -> ConnectionManager {
+    pub fn commands(&self) -> Conn {
         self.commands.clone()
     }
 
     /// A connection of its own for blocking reads of up to `block`, with the Redis client
-    /// id that lets the command connection wake it early.
+    /// id that lets the command connection wake it early. On a cluster, the shared one.
     pub async fn dedicated(&self, block: Duration) -> Result<BlockingConnection> {
+        let Some(client) = &self.client else {
+            return Ok(BlockingConnection {
+                conn: self.commands(),
+                client_id: None,
+            });
+        };
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(Some(block + Duration::from_secs(5)));
-        let mut conn = self
-            .client
+        let mut conn = client
             .get_multiplexed_async_connection_with_config(&config)
             .await
             .map_err(Error::redis("opening a dedicated connection"))?;
@@ -101,12 +280,15 @@ impl Redis {
             .query_async(&mut conn)
             .await
             .map_err(Error::redis("CLIENT ID"))?;
-        Ok(BlockingConnection { conn, client_id })
+        Ok(BlockingConnection {
+            conn: Conn::Dedicated(conn),
+            client_id: Some(client_id),
+        })
     }
 
-    /// Ends a blocking read on the connection with `client_id` now, as if its time had run out (`CLIENT UNBLOCK
-    /// .. TIMEOUT`). A read Redis has already answered is not affected, so whatever it
-    /// delivered still arrives: nothing is left pending unseen.
+    /// Ends a blocking read on the connection with `client_id` now, as if its time had run
+    /// out (`CLIENT UNBLOCK .. TIMEOUT`). A read Redis has already answered is not affected,
+    /// so whatever it delivered still arrives: nothing is left pending unseen.
     pub async fn unblock(&self, client_id: i64) -> Result<()> {
         let _: i64 = redis::cmd("CLIENT")
             .arg("UNBLOCK")

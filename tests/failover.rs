@@ -28,6 +28,7 @@ async fn daemon_follows_a_promoted_standby_without_loss_or_doubles() {
         fulfillment_url: primary.url("fulfillment"),
         orders_url: primary.url("orders"),
         redis_url: redis.url(),
+        redis_cluster: Vec::new(),
         prefix: format!("{}:", unique("failover")),
         orders: 300,
         partitions: 0,

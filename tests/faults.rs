@@ -88,6 +88,7 @@ async fn faults_lose_nothing_and_double_nothing() {
         fulfillment_url: pg.create_db("fulfillment").await,
         orders_url: pg.create_db("orders").await,
         redis_url: redis.url(),
+        redis_cluster: Vec::new(),
         prefix: format!("{}:", unique("faults")),
         orders: 2000,
         partitions: 0,

@@ -27,6 +27,7 @@ async fn run_workload(
         fulfillment_url: fdb.url.clone(),
         orders_url: odb.url.clone(),
         redis_url: redis_url(),
+        redis_cluster: Vec::new(),
         prefix: streams.prefix.clone(),
         orders: 400,
         partitions,

@@ -207,6 +207,59 @@ RETURNING event_id"
         Ok(tally)
     }
 
+    /// New entries for this consumer, up to `count` per read. On a single Redis one
+    /// `XREADGROUP` over every stream, blocking up to `block_ms`; on a cluster, whose streams
+    /// live on different shards (a multi-key read would cross slots), one non-blocking read
+    /// per stream, all at once.
+    async fn read_new(
+        &self,
+        conn: &mut crate::redis_io::Conn,
+        count: usize,
+        block_ms: Option<u64>,
+    ) -> Result<Vec<Entry>> {
+        if !self.redis.is_cluster() {
+            return read::read_group(
+                conn,
+                &self.config.name,
+                &self.consumer_name,
+                &self.keys,
+                ">",
+                count,
+                block_ms,
+            )
+            .await;
+        }
+        let reads = self.keys.iter().enumerate().map(|(stream, key)| {
+            let mut conn = conn.clone();
+            async move {
+                let entries = read::read_group(
+                    &mut conn,
+                    &self.config.name,
+                    &self.consumer_name,
+                    std::slice::from_ref(key),
+                    ">",
+                    count,
+                    None,
+                )
+                .await?;
+                Ok::<Vec<Entry>, Error>(
+                    entries
+                        .into_iter()
+                        .map(|mut e| {
+                            e.stream = stream;
+                            e
+                        })
+                        .collect(),
+                )
+            }
+        });
+        let mut out = Vec::new();
+        for entries in futures_util::future::join_all(reads).await {
+            out.extend(entries?);
+        }
+        Ok(out)
+    }
+
     /// Handles one batch: dead-letters what cannot be handled, applies the rest in one
     /// transaction, acknowledges after the commit.
     pub async fn process(&self, entries: Vec<Entry>, fresh: bool) -> Result<Tally> {
@@ -399,23 +452,22 @@ RETURNING event_id"
         for &i in &handled {
             acks[entries[i].stream].push(entries[i].id.as_str());
         }
-        let mut pipe = redis::pipe();
-        let mut any = false;
-        for (stream, ids) in acks.iter().enumerate() {
-            if !ids.is_empty() {
-                pipe.cmd("XACK")
-                    .arg(&self.keys[stream])
-                    .arg(&self.config.name)
-                    .arg(ids)
-                    .ignore();
-                any = true;
-            }
-        }
-        if any {
-            let () = pipe
-                .query_async(&mut conn)
-                .await
-                .map_err(Error::redis(format!("consumer {}: XACK", self.config.name)))?;
+        let acks: Vec<(String, redis::Cmd)> = acks
+            .iter()
+            .enumerate()
+            .filter(|(_, ids)| !ids.is_empty())
+            .map(|(stream, ids)| {
+                let mut cmd = redis::cmd("XACK");
+                cmd.arg(&self.keys[stream]).arg(&self.config.name).arg(ids);
+                (self.keys[stream].clone(), cmd)
+            })
+            .collect();
+        let xack = |e| Error::redis(format!("consumer {}: XACK", self.config.name))(e);
+        for reply in crate::redis_io::pipeline_by_key(&mut conn, acks)
+            .await
+            .map_err(xack)?
+        {
+            reply.map_err(xack)?;
         }
 
         // Failures: permanent ones now, retryable ones when out of deliveries.
@@ -560,6 +612,7 @@ RETURNING event_id"
         let mut blocking: Option<crate::redis_io::BlockingConnection> = None;
         let claim_every = Duration::from_millis((self.config.claim_idle_ms / 2).max(50));
         let mut last_claim = Instant::now();
+        let mut idle = Duration::ZERO;
         tracing::info!(consumer = %self.config.name, instance = %self.consumer_name, "consumer started");
         loop {
             if shutdown.is_cancelled() {
@@ -594,24 +647,36 @@ RETURNING event_id"
                 // Shutdown interrupts only this wait, never a batch being applied. The read is
                 // woken, not dropped: dropped just as Redis delivered, its entries would stay
                 // pending here until a restart or another instance's XAUTOCLAIM.
-                let mut entries = {
-                    let read = read::read_group(
-                        conn,
-                        &self.config.name,
-                        &self.consumer_name,
-                        &self.keys,
-                        ">",
-                        batch,
-                        Some(block.as_millis() as u64),
-                    );
+                let mut entries = if self.redis.is_cluster() {
+                    // Reads do not block on a cluster: when nothing came, wait a little
+                    // longer each time (5 ms up to 100 ms), so an idle consumer polls gently
+                    // and a busy one never waits.
+                    let entries = self.read_new(conn, batch, None).await?;
+                    if entries.is_empty() {
+                        idle = (idle * 2).clamp(
+                            Duration::from_millis(5),
+                            block.min(Duration::from_millis(100)),
+                        );
+                        tokio::select! {
+                            _ = shutdown.cancelled() => {}
+                            _ = tokio::time::sleep(idle) => {}
+                        }
+                    } else {
+                        idle = Duration::ZERO;
+                    }
+                    entries
+                } else {
+                    let read = self.read_new(conn, batch, Some(block.as_millis() as u64));
                     tokio::pin!(read);
                     tokio::select! {
                         biased;
                         r = &mut read => r?,
                         _ = shutdown.cancelled() => {
-                            if let Err(e) = self.redis.unblock(client_id).await {
-                                tracing::warn!(consumer = %self.config.name, error = %crate::error::chain(&e), "could not wake the blocking read; leaving its entries to the next start");
-                                return Ok(());
+                            if let Some(client_id) = client_id {
+                                if let Err(e) = self.redis.unblock(client_id).await {
+                                    tracing::warn!(consumer = %self.config.name, error = %crate::error::chain(&e), "could not wake the blocking read; leaving its entries to the next start");
+                                    return Ok(());
+                                }
                             }
                             read.await?
                         }
@@ -623,18 +688,8 @@ RETURNING event_id"
                     && !shutdown.is_cancelled()
                 {
                     tokio::time::sleep(Duration::from_millis(self.config.linger_ms)).await;
-                    entries.extend(
-                        read::read_group(
-                            conn,
-                            &self.config.name,
-                            &self.consumer_name,
-                            &self.keys,
-                            ">",
-                            batch - entries.len(),
-                            None,
-                        )
-                        .await?,
-                    );
+                    let more = self.read_new(conn, batch - entries.len(), None).await?;
+                    entries.extend(more);
                 }
                 self.process(entries, true).await?;
                 Ok::<(), Error>(())
@@ -683,16 +738,9 @@ RETURNING event_id"
                     if shutdown.is_cancelled() {
                         break;
                     }
-                    let entries = read::read_group(
-                        &mut conn,
-                        &self.config.name,
-                        &self.consumer_name,
-                        &self.keys,
-                        ">",
-                        self.config.batch_size as usize,
-                        None,
-                    )
-                    .await?;
+                    let entries = self
+                        .read_new(&mut conn, self.config.batch_size as usize, None)
+                        .await?;
                     if entries.is_empty() {
                         break;
                     }

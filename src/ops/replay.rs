@@ -102,7 +102,7 @@ pub async fn replay(
                 )))?;
             let Some(last) = rows.last() else { break };
             after = last.get(0);
-            let mut pipe = redis::pipe();
+            let mut commands = Vec::with_capacity(rows.len());
             for row in &rows {
                 encode_into(
                     &Outgoing {
@@ -117,17 +117,17 @@ pub async fn replay(
                     &mut buf,
                 );
                 let key = redis.stream_key_for(topic, row.get(2));
-                pipe.cmd("XADD")
-                    .arg(&key)
-                    .arg("*")
-                    .arg("data")
-                    .arg(buf.as_slice())
-                    .ignore();
+                let mut cmd = redis::cmd("XADD");
+                cmd.arg(&key).arg("*").arg("data").arg(buf.as_slice());
+                commands.push((key, cmd));
             }
-            let () = pipe
-                .query_async(&mut conn)
+            let failed = |e| Error::redis(format!("replay of {topic}"))(e);
+            for reply in crate::redis_io::pipeline_by_key(&mut conn, commands)
                 .await
-                .map_err(Error::redis(format!("replay of {topic}")))?;
+                .map_err(failed)?
+            {
+                reply.map_err(failed)?;
+            }
             count += rows.len() as u64;
         }
         out.push((relay.name(), count));

@@ -128,18 +128,23 @@ async fn outbox_figures(
 }
 
 async fn stream_figures(
-    conn: &mut redis::aio::ConnectionManager,
+    conn: &mut crate::redis_io::Conn,
     key: &str,
     group: &str,
     s: &mut ConsumerStatus,
 ) -> Result<()> {
-    let mut pipe = redis::pipe();
-    pipe.cmd("XLEN").arg(key);
-    pipe.cmd("XLEN").arg(crate::inbox::dlq::dlq_key(key));
-    let (len, dlq): (u64, u64) = pipe
+    // two commands, not a pipeline: on a cluster the dead letters may live on another shard
+    let len: u64 = redis::cmd("XLEN")
+        .arg(key)
         .query_async(conn)
         .await
         .map_err(Error::redis(format!("XLEN {key}")))?;
+    let dlq_key = crate::inbox::dlq::dlq_key(key);
+    let dlq: u64 = redis::cmd("XLEN")
+        .arg(&dlq_key)
+        .query_async(conn)
+        .await
+        .map_err(Error::redis(format!("XLEN {dlq_key}")))?;
     s.stream_length = len;
     s.dead_letters = dlq;
     if len == 0 {

@@ -3,7 +3,7 @@
 //! connection or server failing, which fails the whole batch.
 
 use crate::error::{Error, Result};
-use redis::aio::ConnectionManager;
+use crate::redis_io::{pipeline_by_key, Conn};
 
 /// The outcome of one entry of the pipeline.
 #[derive(Debug)]
@@ -16,48 +16,41 @@ pub enum EntryResult {
 /// The keys among `keys` that exist and hold something other than a stream: an `XADD` to
 /// them would be refused. Checked before publishing so that a row bound for such a key stops
 /// the rest of its aggregate in the batch instead of being overtaken by them.
-pub async fn unusable_keys(
-    conn: &mut ConnectionManager,
-    keys: &[&str],
-) -> Result<Vec<(String, String)>> {
-    if keys.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut pipe = redis::pipe();
-    for key in keys {
-        pipe.cmd("TYPE").arg(*key);
-    }
-    let types: Vec<String> = pipe
-        .query_async(conn)
+pub async fn unusable_keys(conn: &mut Conn, keys: &[&str]) -> Result<Vec<(String, String)>> {
+    let commands = keys
+        .iter()
+        .map(|key| {
+            let mut cmd = redis::cmd("TYPE");
+            cmd.arg(*key);
+            ((*key).to_string(), cmd)
+        })
+        .collect();
+    let replies = pipeline_by_key(conn, commands)
         .await
         .map_err(Error::redis("checking stream key types"))?;
-    Ok(keys
-        .iter()
-        .zip(types)
-        .filter(|(_, t)| t != "stream" && t != "none")
-        .map(|(k, t)| ((*k).to_string(), t))
-        .collect())
+    let mut unusable = Vec::new();
+    for (key, reply) in keys.iter().zip(replies) {
+        let reply = reply.map_err(Error::redis("checking stream key types"))?;
+        let kind = crate::inbox::read::text(&reply).unwrap_or_default();
+        if kind != "stream" && kind != "none" {
+            unusable.push(((*key).to_string(), kind));
+        }
+    }
+    Ok(unusable)
 }
 
-/// Sends `XADD key * data envelope` for every entry, in order, in one round trip.
-pub async fn publish(
-    conn: &mut ConnectionManager,
-    entries: &[(String, Vec<u8>)],
-) -> Result<Vec<EntryResult>> {
-    if entries.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut pipe = redis::pipe();
-    for (key, envelope) in entries {
-        pipe.cmd("XADD")
-            .arg(key)
-            .arg("*")
-            .arg("data")
-            .arg(envelope.as_slice());
-    }
-    let results: Vec<redis::RedisResult<redis::Value>> = pipe
-        .ignore_errors()
-        .query_async(conn)
+/// Sends `XADD key * data envelope` for every entry, each key's entries in order, in one
+/// round trip (one per key on a cluster, all at once).
+pub async fn publish(conn: &mut Conn, entries: &[(String, Vec<u8>)]) -> Result<Vec<EntryResult>> {
+    let commands = entries
+        .iter()
+        .map(|(key, envelope)| {
+            let mut cmd = redis::cmd("XADD");
+            cmd.arg(key).arg("*").arg("data").arg(envelope.as_slice());
+            (key.clone(), cmd)
+        })
+        .collect();
+    let results = pipeline_by_key(conn, commands)
         .await
         .map_err(Error::redis("publishing a batch"))?;
     if results.len() != entries.len() {

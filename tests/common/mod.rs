@@ -609,3 +609,150 @@ impl Drop for PrivatePg {
     }
 }
 pub mod workload;
+
+/// A three-master Redis Cluster of the test's own on loopback ports (`redis-server
+/// --cluster-enabled yes` three times, then `redis-cli --cluster create`), stopped and
+/// deleted when dropped.
+pub struct PrivateRedisCluster {
+    pub ports: Vec<u16>,
+    dir: std::path::PathBuf,
+    children: Vec<Child>,
+}
+
+impl PrivateRedisCluster {
+    pub fn start() -> PrivateRedisCluster {
+        let dir = std::env::temp_dir().join(unique("outboxd_cluster"));
+        let mut cluster = PrivateRedisCluster {
+            ports: Vec::new(),
+            dir,
+            children: Vec::new(),
+        };
+        for _ in 0..3 {
+            let port = free_port();
+            let node_dir = cluster.dir.join(port.to_string());
+            std::fs::create_dir_all(&node_dir).unwrap();
+            let child = Command::new("redis-server")
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--dir",
+                    node_dir.to_str().unwrap(),
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server must be installed (scripts/dev-services)");
+            cluster.ports.push(port);
+            cluster.children.push(child);
+        }
+        for &port in &cluster.ports {
+            wait_for_redis(port);
+        }
+        let nodes: Vec<String> = cluster
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&nodes)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // every node must agree the cluster is up before anyone uses it
+        let start = Instant::now();
+        for &port in &cluster.ports {
+            loop {
+                let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+                let info: String = client
+                    .get_connection()
+                    .and_then(|mut c| redis::cmd("CLUSTER").arg("INFO").query(&mut c))
+                    .unwrap_or_default();
+                if info.contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "cluster did not come up"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        cluster
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect()
+    }
+
+    /// `cluster = ["redis://...", ...]` for a `[redis]` section.
+    pub fn toml(&self) -> String {
+        let urls: Vec<String> = self.urls().iter().map(|u| format!("\"{u}\"")).collect();
+        format!("cluster = [{}]", urls.join(", "))
+    }
+
+    /// How many keys starting with `prefix` each node holds.
+    pub fn keys_per_node(&self, prefix: &str) -> Vec<usize> {
+        self.ports
+            .iter()
+            .map(|port| {
+                let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+                let mut c = client.get_connection().unwrap();
+                let keys: Vec<String> = redis::cmd("KEYS")
+                    .arg(format!("{prefix}*"))
+                    .query(&mut c)
+                    .unwrap();
+                keys.len()
+            })
+            .collect()
+    }
+}
+
+impl Drop for PrivateRedisCluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn wait_for_redis(port: u16) {
+    let start = Instant::now();
+    loop {
+        if let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}")) {
+            if let Ok(mut conn) = client.get_connection() {
+                if redis::cmd("PING").query::<String>(&mut conn).is_ok() {
+                    return;
+                }
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "redis on {port} did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -49,6 +49,8 @@ pub struct Setup {
     pub fulfillment_url: String,
     pub orders_url: String,
     pub redis_url: String,
+    /// Seed nodes when the streams live on a Redis Cluster (then `redis_url` is unused).
+    pub redis_cluster: Vec<String>,
     pub prefix: String,
     pub orders: usize,
     /// `partitions` of the fulfillment topic (0: unpartitioned).
@@ -190,12 +192,15 @@ timeout_ms = 5000
         Err(last)
     }
 
-    pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.redis_url.as_str())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap()
+    /// A connection to the workload's Redis or Redis Cluster (outboxd's own connection type,
+    /// which routes each command to its shard).
+    pub async fn redis(&self) -> outboxd::redis_io::Conn {
+        let config = outboxd::config::RedisConfig {
+            url: self.redis_url.clone(),
+            cluster: self.redis_cluster.clone(),
+            ..Default::default()
+        };
+        outboxd::redis_io::Redis::new(&config).unwrap().commands()
     }
 
     /// The stream keys of the fulfillment topic (one, or one per partition).
@@ -210,7 +215,7 @@ timeout_ms = 5000
         }
     }
 
-    async fn pending(&self, conn: &mut redis::aio::MultiplexedConnection) -> i64 {
+    async fn pending(&self, conn: &mut outboxd::redis_io::Conn) -> i64 {
         let mut all = 0;
         for key in self.keys() {
             for group in ["order-status", "ledger"] {
@@ -395,7 +400,7 @@ impl Producers {
 }
 
 /// The CloudEvents ids of a stream's entries, in stream order.
-async fn stream_ids(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> Vec<String> {
+async fn stream_ids(conn: &mut outboxd::redis_io::Conn, key: &str) -> Vec<String> {
     let entries: Vec<(String, HashMap<String, Vec<u8>>)> = redis::cmd("XRANGE")
         .arg(key)
         .arg("-")
