@@ -374,21 +374,7 @@ impl PrivateRedis {
             .spawn()
             .expect("redis-server must be installed (scripts/dev-services)");
         self.child = Some(child);
-        let start = Instant::now();
-        loop {
-            if let Ok(client) = redis::Client::open(self.url().as_str()) {
-                if let Ok(mut conn) = client.get_connection() {
-                    if redis::cmd("PING").query::<String>(&mut conn).is_ok() {
-                        return;
-                    }
-                }
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "private redis did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_redis(self.port);
     }
 
     pub fn kill(&mut self) {
