@@ -126,25 +126,28 @@ pub async fn pipeline_by_key(
     if commands.is_empty() {
         return Ok(Vec::new());
     }
+    let total = commands.len();
     if !matches!(conn, Conn::Cluster(_)) {
         let mut pipe = redis::pipe();
-        for (_, cmd) in &commands {
-            pipe.add_command(cmd.clone());
+        for (_, cmd) in commands {
+            pipe.add_command(cmd);
         }
         return pipe.ignore_errors().query_async(conn).await;
     }
-    let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
-    for (i, (key, _)) in commands.iter().enumerate() {
-        match groups.iter_mut().find(|(k, _)| k == key) {
-            Some((_, members)) => members.push(i),
-            None => groups.push((key.clone(), vec![i])),
-        }
+    // one pipeline per key, remembering where each command's answer goes
+    let mut groups: Vec<(String, Vec<usize>, Pipeline)> = Vec::new();
+    for (i, (key, cmd)) in commands.into_iter().enumerate() {
+        let at = match groups.iter().position(|(k, _, _)| *k == key) {
+            Some(at) => at,
+            None => {
+                groups.push((key, Vec::new(), redis::pipe()));
+                groups.len() - 1
+            }
+        };
+        groups[at].1.push(i);
+        groups[at].2.add_command(cmd);
     }
-    let runs = groups.iter().map(|(_, members)| {
-        let mut pipe = redis::pipe();
-        for &i in members {
-            pipe.add_command(commands[i].1.clone());
-        }
+    let runs = groups.iter_mut().map(|(_, _, pipe)| {
         let mut conn = conn.clone();
         async move {
             pipe.ignore_errors()
@@ -153,8 +156,8 @@ pub async fn pipeline_by_key(
         }
     });
     let answers = futures_util::future::join_all(runs).await;
-    let mut out: Vec<Option<RedisResult<Value>>> = (0..commands.len()).map(|_| None).collect();
-    for ((_, members), answer) in groups.iter().zip(answers) {
+    let mut out: Vec<Option<RedisResult<Value>>> = (0..total).map(|_| None).collect();
+    for ((_, members, _), answer) in groups.iter().zip(answers) {
         for (&i, result) in members.iter().zip(answer?) {
             out[i] = Some(result);
         }

@@ -76,6 +76,10 @@ pub struct Relay {
     sql: Statements,
     relid: Option<u32>,
     buf: Vec<u8>,
+    /// Stream keys this relay has published to: they hold streams, so the type check before
+    /// publishing skips them (one round trip less per batch). Forgotten when Redis rejects
+    /// an entry, since a key can be deleted and recreated as another type.
+    known_streams: HashSet<String>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -113,6 +117,7 @@ impl Relay {
             source,
             relid: None,
             buf: Vec::with_capacity(1024),
+            known_streams: HashSet::new(),
         }
     }
 
@@ -167,17 +172,18 @@ impl Relay {
         // A relay commit only deletes rows Redis already holds. If a crash loses it, the rows
         // are published again, which is the at-least-once contract anyway, so the commit
         // need not wait for the WAL flush (it is still ordered and atomic).
-        tx.batch_execute("SET LOCAL synchronous_commit = off")
-            .await
-            .map_err(Error::pg(ctx_claim.clone()))?;
         let claim = tx
             .prepare_cached(&self.sql.claim)
             .await
             .map_err(Error::pg(ctx_claim.clone()))?;
-        let rows = tx
-            .query(&claim, &[&relid, &limit])
-            .await
-            .map_err(Error::pg(ctx_claim.clone()))?;
+        // Sent together: the connection runs them in order, one round trip for both.
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&relid, &limit];
+        let (set, rows) = tokio::join!(
+            tx.batch_execute("SET LOCAL synchronous_commit = off"),
+            tx.query(&claim, &params)
+        );
+        set.map_err(Error::pg(ctx_claim.clone()))?;
+        let rows = rows.map_err(Error::pg(ctx_claim.clone()))?;
         let mut outcome = BatchOutcome {
             claimed: rows.len(),
             ..BatchOutcome::default()
@@ -256,6 +262,7 @@ impl Relay {
             .collect();
         stream_keys.sort_unstable();
         stream_keys.dedup();
+        stream_keys.retain(|k| !self.known_streams.contains(k));
         let key_refs: Vec<&str> = stream_keys.iter().map(String::as_str).collect();
         let unusable: HashMap<String, String> = publish::unusable_keys(&mut conn, &key_refs)
             .await?
@@ -351,6 +358,7 @@ impl Relay {
             }
         }
         if rejected {
+            self.known_streams.clear();
             // Redis refused an entry the type check let through (the key changed meanwhile):
             // the delete above removed it too. Undo the batch, charge the refused rows, and let
             // the next batch publish the rest again (duplicates on the stream, which the inbox
@@ -374,6 +382,14 @@ impl Relay {
             .await
             .map_err(Error::pg(self.ctx("committing a batch")))?;
         outcome.published = published_ids.len();
+        if self.known_streams.len() > 10_000 {
+            self.known_streams.clear();
+        }
+        for (key, _) in &entries {
+            if !self.known_streams.contains(key) {
+                self.known_streams.insert(key.clone());
+            }
+        }
 
         let m = metrics();
         for (topic, n) in per_topic {
