@@ -55,6 +55,10 @@ pub struct RedisConfig {
     /// `redis://` or `rediss://` URL of a single Redis server.
     #[serde(default = "defaults::redis_url")]
     pub url: String,
+    /// For `rediss://`: PEM file of the CA certificates that may sign the server's
+    /// certificate, instead of the operating system's CA store.
+    #[serde(default)]
+    pub ca_file: Option<String>,
     /// Prepended to every stream key.
     #[serde(default)]
     pub stream_prefix: String,
@@ -70,6 +74,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
             url: defaults::redis_url(),
+            ca_file: None,
             stream_prefix: String::new(),
             response_timeout_ms: defaults::redis_response_timeout_ms(),
             connect_timeout_ms: defaults::redis_connect_timeout_ms(),
@@ -416,6 +421,25 @@ impl Config {
                 "redis.url",
                 format!("{} is not a redis:// or rediss:// URL", redact_url(&r.url)),
             ));
+        }
+        if r.url.contains("#insecure") {
+            return Err(ConfigError::new(
+                "redis.url",
+                "#insecure (TLS without checking the server's certificate) is not supported: set redis.ca_file to the CA that signed the server's certificate",
+            ));
+        }
+        if let Some(ca_file) = &r.ca_file {
+            if !r.url.starts_with("rediss://") {
+                return Err(ConfigError::new(
+                    "redis.ca_file",
+                    format!(
+                        "is set, but redis.url {} is not a rediss:// (TLS) URL",
+                        redact_url(&r.url)
+                    ),
+                ));
+            }
+            crate::tls::read_ca_file(ca_file)
+                .map_err(|message| ConfigError::new("redis.ca_file", message))?;
         }
         validate_text("redis.stream_prefix", &r.stream_prefix, 200, true)?;
         positive("redis.response_timeout_ms", r.response_timeout_ms)?;
@@ -968,6 +992,11 @@ database = "fulfillment"
             .validate()
             .expect_err("sslmode=allow");
         assert_eq!(e.key, "databases.main.url");
+        let e = Config::parse("[redis]\nurl = \"rediss://127.0.0.1:6380/#insecure\"\n")
+            .expect("parses")
+            .validate()
+            .expect_err("#insecure");
+        assert_eq!(e.key, "redis.url");
     }
 
     #[test]
@@ -992,6 +1021,21 @@ database = "fulfillment"
         assert_eq!(e.key, "databases.main.url");
         assert!(e.message.contains("sslrootcert /nonexistent/ca.pem"), "{e}");
         assert!(!e.to_string().contains("s3cret"), "{e}");
+        let e = Config::parse(
+            "[redis]\nurl = \"rediss://h:6380\"\nca_file = \"/nonexistent/ca.pem\"\n",
+        )
+        .expect("parses")
+        .validate()
+        .expect_err("missing ca_file");
+        assert_eq!(e.key, "redis.ca_file");
+        assert!(e.message.contains("/nonexistent/ca.pem"), "{e}");
+        let e =
+            Config::parse("[redis]\nurl = \"redis://h:6379\"\nca_file = \"/nonexistent/ca.pem\"\n")
+                .expect("parses")
+                .validate()
+                .expect_err("ca_file without TLS");
+        assert_eq!(e.key, "redis.ca_file");
+        assert!(e.message.contains("rediss://"), "{e}");
     }
 
     #[test]

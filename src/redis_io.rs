@@ -45,7 +45,21 @@ impl std::fmt::Debug for BlockingConnection {
 impl Redis {
     /// Creates the client; connects lazily, so a Redis that is down now is not an error here.
     pub fn new(config: &RedisConfig) -> Result<Redis> {
-        let client = Client::open(config.url.as_str()).map_err(|e| {
+        // rediss:// is set up by the redis crate with rustls's process-wide provider.
+        crate::tls::install_default_provider();
+        let opened = match &config.ca_file {
+            Some(path) => {
+                let root_cert = crate::tls::read_ca_file(path)
+                    .map_err(|message| ConfigError::new("redis.ca_file", message))?;
+                let certificates = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                };
+                Client::build_with_tls(config.url.as_str(), certificates)
+            }
+            None => Client::open(config.url.as_str()),
+        };
+        let client = opened.map_err(|e| {
             ConfigError::new(
                 "redis.url",
                 format!("{} is not usable: {e}", redact_url(&config.url)),
@@ -164,9 +178,14 @@ pub fn partition_of(aggregate_id: &str, partitions: u32) -> u32 {
     (h % u64::from(partitions.max(1))) as u32
 }
 
-/// Worth retrying after a backoff: the connection or a server state that passes (loading,
+/// Worth retrying after a backoff: the connection (not a server certificate that fails the
+/// TLS check) or a server state that passes (loading,
 /// read-only replica during failover, cluster reconfiguring, out of memory until trimmed).
 pub fn is_transient(err: &redis::RedisError) -> bool {
+    // A server certificate that fails the check is configuration, whatever its error kind.
+    if crate::tls::is_certificate_error(err) {
+        return false;
+    }
     if err.is_io_error()
         || err.is_timeout()
         || err.is_connection_dropped()

@@ -7,10 +7,13 @@
 //! without it, or with `sslrootcert=system`, the operating system's CA store is used.
 //! tokio-postgres parses only `disable`, `prefer` and `require` and no `sslrootcert`, so
 //! [`split_pg_tls`] takes both out of the connection string first.
+//!
+//! Redis uses the redis crate's own rustls support (`rediss://`), with `[redis] ca_file` as
+//! the trusted CAs instead of the system store.
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
-use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore};
@@ -275,8 +278,15 @@ fn roots_from_pem(pem: &[u8]) -> Result<RootCertStore, String> {
     Ok(roots)
 }
 
-/// The operating system's CA store (rustls-native-certs), where administrators add their own
-/// CAs.
+/// Reads `[redis] ca_file` and checks that it holds CA certificates; returns its PEM text.
+pub fn read_ca_file(path: &str) -> Result<Vec<u8>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("{path}: cannot read: {e}"))?;
+    roots_from_pem(&pem).map_err(|e| format!("{path}: {e}"))?;
+    Ok(pem)
+}
+
+/// The operating system's CA store (rustls-native-certs: the one the redis crate reads for
+/// `rediss://` as well, and where administrators add their own CAs).
 fn system_roots() -> Result<RootCertStore, String> {
     let found = rustls_native_certs::load_native_certs();
     let mut roots = RootCertStore::empty();
@@ -294,6 +304,14 @@ fn system_roots() -> Result<RootCertStore, String> {
     Ok(roots)
 }
 
+/// Makes ring rustls's process-wide default, for the TLS the redis crate sets up itself.
+/// Harmless when already done.
+pub fn install_default_provider() {
+    if CryptoProvider::get_default().is_none() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+}
+
 /// Whether an error (or one of its causes) is a server certificate that failed the check:
 /// a configuration problem that retrying will not cure.
 pub fn is_certificate_error(err: &(dyn std::error::Error + 'static)) -> bool {
@@ -301,6 +319,12 @@ pub fn is_certificate_error(err: &(dyn std::error::Error + 'static)) -> bool {
     while let Some(e) = next {
         if is_certificate_error_here(e) {
             return true;
+        }
+        // The redis crate keeps its cause behind an Arc, whose `source` skips the cause itself.
+        if let Some(inner) = e.downcast_ref::<Arc<dyn std::error::Error + Send + Sync>>() {
+            if is_certificate_error(inner.as_ref()) {
+                return true;
+            }
         }
         next = e.source();
     }
