@@ -64,7 +64,10 @@ pub fn pg_config(name: &str, db: &DatabaseConfig) -> Result<PgTarget, ConfigErro
         )
     };
     let (rest, tls) = crate::tls::split_pg_tls(&db.url).map_err(|e| invalid(&e))?;
-    let mut config: tokio_postgres::Config = rest.parse().map_err(|e| invalid(&e))?;
+    // With the cause: tokio-postgres says "invalid connection string", its cause which option.
+    let mut config: tokio_postgres::Config = rest
+        .parse()
+        .map_err(|e: tokio_postgres::Error| invalid(&crate::error::chain(&e)))?;
     config.ssl_mode(tls.mode.negotiation());
     if config.get_application_name().is_none() {
         config.application_name("outboxd");

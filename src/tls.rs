@@ -140,6 +140,11 @@ pub fn split_pg_tls(conn: &str) -> Result<(String, PgTls), String> {
         match key {
             "sslmode" => mode = Some(SslMode::parse(value)?),
             "sslrootcert" => root_cert = Some(value.to_string()),
+            "sslcert" | "sslkey" | "sslpassword" | "sslcrl" | "sslcrldir" => {
+                return Err(format!(
+                    "{key} is not supported (no client certificates or certificate revocation lists in this version)"
+                ))
+            }
             _ => return Ok(false),
         }
         Ok(true)
@@ -206,7 +211,11 @@ pub fn key_values(conn: &str) -> Result<Vec<(String, String)>, String> {
         }
         while chars.next_if(|c| c.is_whitespace()).is_some() {}
         if chars.next() != Some('=') {
-            return Err(format!("connection string parameter {key:?} has no `=`"));
+            // Not naming the word: it may be a stray password rather than a parameter name.
+            return Err(format!(
+                "parameter {} of the connection string has no `=`",
+                pairs.len() + 1
+            ));
         }
         while chars.next_if(|c| c.is_whitespace()).is_some() {}
         let mut value = String::new();
@@ -490,10 +499,14 @@ mod tests {
         assert!(e.contains("verify") && !e.contains("secret"), "{e}");
         let e = split_pg_tls("host=h password='secret").expect_err("unterminated");
         assert!(!e.contains("secret"), "{e}");
+        let e = split_pg_tls("host=h secret").expect_err("no =");
+        assert!(!e.contains("secret") && e.contains("parameter 2"), "{e}");
         let e =
             split_pg_tls("postgres://h/db?sslmode=require&sslrootcert=system").expect_err("weak");
         assert!(e.contains("verify-full"), "{e}");
         assert!(split_pg_tls("postgres://h/db?sslrootcert=%zz").is_err());
+        let e = split_pg_tls("host=h sslmode=verify-full sslcert=/c.pem").expect_err("sslcert");
+        assert!(e.contains("sslcert is not supported"), "{e}");
     }
 
     #[test]
