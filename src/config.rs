@@ -58,6 +58,10 @@ pub struct RedisConfig {
     /// Instead of `url`: seed node URLs of a Redis Cluster.
     #[serde(default)]
     pub cluster: Vec<String>,
+    /// For `rediss://`: PEM file of the CA certificates that may sign the server's
+    /// certificate, instead of the operating system's CA store.
+    #[serde(default)]
+    pub ca_file: Option<String>,
     /// Prepended to every stream key.
     #[serde(default)]
     pub stream_prefix: String,
@@ -74,6 +78,7 @@ impl Default for RedisConfig {
         RedisConfig {
             url: defaults::redis_url(),
             cluster: Vec::new(),
+            ca_file: None,
             stream_prefix: String::new(),
             response_timeout_ms: defaults::redis_response_timeout_ms(),
             connect_timeout_ms: defaults::redis_connect_timeout_ms(),
@@ -435,6 +440,30 @@ impl Config {
                 ));
             }
         }
+        if r.url.contains("#insecure") {
+            return Err(ConfigError::new(
+                "redis.url",
+                "#insecure (TLS without checking the server's certificate) is not supported: set redis.ca_file to the CA that signed the server's certificate",
+            ));
+        }
+        if let Some(ca_file) = &r.ca_file {
+            let tls = if r.cluster.is_empty() {
+                r.url.starts_with("rediss://")
+            } else {
+                r.cluster.iter().all(|n| n.starts_with("rediss://"))
+            };
+            if !tls {
+                return Err(ConfigError::new(
+                    "redis.ca_file",
+                    format!(
+                        "is set, but redis.url {} (or a redis.cluster node) is not a rediss:// (TLS) URL",
+                        redact_url(&r.url)
+                    ),
+                ));
+            }
+            crate::tls::read_ca_file(ca_file)
+                .map_err(|message| ConfigError::new("redis.ca_file", message))?;
+        }
         validate_text("redis.stream_prefix", &r.stream_prefix, 200, true)?;
         positive("redis.response_timeout_ms", r.response_timeout_ms)?;
         positive("redis.connect_timeout_ms", r.connect_timeout_ms)?;
@@ -444,21 +473,9 @@ impl Config {
             if db.url.trim().is_empty() {
                 return Err(ConfigError::new(format!("{key}.url"), "missing URL"));
             }
-            let parsed = db.url.parse::<tokio_postgres::Config>().map_err(|e| {
-                ConfigError::new(
-                    format!("{key}.url"),
-                    format!(
-                        "{} is not a valid connection string: {e}",
-                        redact_url(&db.url)
-                    ),
-                )
-            })?;
-            if parsed.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
-                return Err(ConfigError::new(
-                    format!("{key}.url"),
-                    "sslmode=require: TLS to PostgreSQL is not supported by this version yet (use sslmode=prefer or disable)",
-                ));
-            }
+            // sslmode, sslrootcert (the CA file must be readable and hold certificates) and
+            // everything tokio-postgres checks.
+            crate::db::pg_config(name, db)?;
             if db.pool_size == 0 || db.pool_size > 1000 {
                 return Err(ConfigError::new(
                     format!("{key}.pool_size"),
@@ -816,17 +833,29 @@ pub fn redact_url(url: &str) -> String {
         out.push_str(&redact_query_password(rest));
         out
     } else {
-        // key=value form: blank out password=...
-        url.split_whitespace()
-            .map(|kv| {
-                if kv.to_ascii_lowercase().starts_with("password=") {
-                    "password=***".to_string()
-                } else {
-                    kv.to_string()
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(" ")
+        // key=value form: blank out the password, quoted (`password = 'a b'`) or not.
+        if let Ok(pairs) = crate::tls::key_values(url) {
+            return pairs
+                .iter()
+                .map(|(k, v)| {
+                    if k.eq_ignore_ascii_case("password") {
+                        format!("{k}=***")
+                    } else if v.is_empty()
+                        || v.contains(|c: char| c.is_whitespace() || c == '\'' || c == '\\')
+                    {
+                        format!("{k}='{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
+                    } else {
+                        format!("{k}={v}")
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(" ");
+        }
+        // Not parseable: keep nothing from the word "password" on.
+        match url.to_ascii_lowercase().find("password") {
+            Some(at) => format!("{}password=*** (rest not shown)", &url[..at]),
+            None => url.to_string(),
+        }
     }
 }
 
@@ -953,6 +982,11 @@ database = "fulfillment"
             "host=db user=app password=***"
         );
         assert!(!redact_url("postgres://u@h/db?password=zz").contains("zz"));
+        assert_eq!(
+            redact_url("host=db password = 'two words' dbname='my db'"),
+            "host=db password=*** dbname='my db'"
+        );
+        assert!(!redact_url("host=db password='two words").contains("words"));
     }
 
     #[test]
@@ -989,11 +1023,55 @@ database = "fulfillment"
             .validate()
             .expect_err("partitions");
         assert_eq!(e.key, "topics[0].partitions");
-        let e = Config::parse("[databases.main]\nurl = \"postgres://u@h/d?sslmode=require\"\n")
+        let e = Config::parse("[databases.main]\nurl = \"postgres://u@h/d?sslmode=allow\"\n")
             .expect("parses")
             .validate()
-            .expect_err("tls");
+            .expect_err("sslmode=allow");
         assert_eq!(e.key, "databases.main.url");
+        let e = Config::parse("[redis]\nurl = \"rediss://127.0.0.1:6380/#insecure\"\n")
+            .expect("parses")
+            .validate()
+            .expect_err("#insecure");
+        assert_eq!(e.key, "redis.url");
+    }
+
+    #[test]
+    fn tls_settings_are_accepted_and_their_files_checked() {
+        for url in [
+            "postgres://u:pw@h/d?sslmode=require",
+            "postgres://u@h/d?sslmode=verify-full",
+            "host=h user=u sslmode=verify-ca dbname=d",
+            "postgres://u@h/d?sslmode=disable",
+        ] {
+            Config::parse(&format!("[databases.main]\nurl = \"{url}\"\n"))
+                .expect("parses")
+                .validate()
+                .unwrap_or_else(|e| panic!("{url}: {e}"));
+        }
+        let e = Config::parse(
+            "[databases.main]\nurl = \"postgres://u:s3cret@h/d?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem\"\n",
+        )
+        .expect("parses")
+        .validate()
+        .expect_err("missing sslrootcert");
+        assert_eq!(e.key, "databases.main.url");
+        assert!(e.message.contains("sslrootcert /nonexistent/ca.pem"), "{e}");
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+        let e = Config::parse(
+            "[redis]\nurl = \"rediss://h:6380\"\nca_file = \"/nonexistent/ca.pem\"\n",
+        )
+        .expect("parses")
+        .validate()
+        .expect_err("missing ca_file");
+        assert_eq!(e.key, "redis.ca_file");
+        assert!(e.message.contains("/nonexistent/ca.pem"), "{e}");
+        let e =
+            Config::parse("[redis]\nurl = \"redis://h:6379\"\nca_file = \"/nonexistent/ca.pem\"\n")
+                .expect("parses")
+                .validate()
+                .expect_err("ca_file without TLS");
+        assert_eq!(e.key, "redis.ca_file");
+        assert!(e.message.contains("rediss://"), "{e}");
     }
 
     #[test]

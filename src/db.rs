@@ -1,19 +1,41 @@
 //! PostgreSQL connections: one deadpool pool per configured database, dedicated connections
-//! for LISTEN, identifier quoting, and the classification of database errors into "retry
-//! after backoff" and "give up" by SQLSTATE.
+//! for LISTEN, TLS as the connection string's `sslmode` asks (see [`crate::tls`]), identifier
+//! quoting, and the classification of database errors into "retry after backoff" and "give
+//! up" by SQLSTATE.
 
 use crate::config::{redact_url, ConfigError, DatabaseConfig};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::NoTls;
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+/// The stream of a connection that may or may not have negotiated TLS.
+pub type PgStream = <MakeRustlsConnect as MakeTlsConnect<tokio_postgres::Socket>>::Stream;
+
+/// Everything needed to connect to one database: tokio-postgres's settings and the TLS
+/// connector that the connection string's `sslmode` and `sslrootcert` call for.
+#[derive(Clone)]
+pub struct PgTarget {
+    pub config: tokio_postgres::Config,
+    pub tls: MakeRustlsConnect,
+}
+
+impl std::fmt::Debug for PgTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // tokio-postgres's Debug shows the password as `_`.
+        f.debug_struct("PgTarget")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
 
 /// Builds the pool of one database. Connections are made lazily, so this does not fail when
 /// the server is down; the first use does, and is retried by the caller.
 pub fn pool(name: &str, db: &DatabaseConfig) -> Result<Pool, ConfigError> {
-    let pg_config = pg_config(name, db)?;
+    let target = pg_config(name, db)?;
     let manager = Manager::from_config(
-        pg_config,
-        NoTls,
+        target.config,
+        target.tls,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -27,36 +49,52 @@ pub fn pool(name: &str, db: &DatabaseConfig) -> Result<Pool, ConfigError> {
         .map_err(|e| ConfigError::new(format!("databases.{name}"), e.to_string()))
 }
 
-pub fn pg_config(name: &str, db: &DatabaseConfig) -> Result<tokio_postgres::Config, ConfigError> {
-    let mut config: tokio_postgres::Config = db.url.parse().map_err(|e| {
+/// Parses a database's connection string into tokio-postgres settings plus TLS: `sslmode`
+/// and `sslrootcert` are taken out first (tokio-postgres knows neither verify-ca nor
+/// verify-full nor root certificates) and applied here. Errors name `databases.<name>.url`.
+pub fn pg_config(name: &str, db: &DatabaseConfig) -> Result<PgTarget, ConfigError> {
+    let key = format!("databases.{name}.url");
+    let invalid = |e: &dyn std::fmt::Display| {
         ConfigError::new(
-            format!("databases.{name}.url"),
+            key.clone(),
             format!(
                 "{} is not a valid connection string: {e}",
                 redact_url(&db.url)
             ),
         )
-    })?;
+    };
+    let (rest, tls) = crate::tls::split_pg_tls(&db.url).map_err(|e| invalid(&e))?;
+    // With the cause: tokio-postgres says "invalid connection string", its cause which option.
+    let mut config: tokio_postgres::Config = rest
+        .parse()
+        .map_err(|e: tokio_postgres::Error| invalid(&crate::error::chain(&e)))?;
+    config.ssl_mode(tls.mode.negotiation());
     if config.get_application_name().is_none() {
         config.application_name("outboxd");
     }
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(std::time::Duration::from_secs(10));
     }
-    Ok(config)
+    let client_config = tls
+        .client_config()
+        .map_err(|e| ConfigError::new(key.clone(), e))?;
+    Ok(PgTarget {
+        config,
+        tls: MakeRustlsConnect::new(client_config),
+    })
 }
 
 /// A dedicated connection (not from the pool), whose `Connection` half the caller drives.
 pub async fn connect_dedicated(
-    config: &tokio_postgres::Config,
+    target: &PgTarget,
 ) -> Result<
     (
         tokio_postgres::Client,
-        tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+        tokio_postgres::Connection<tokio_postgres::Socket, PgStream>,
     ),
     tokio_postgres::Error,
 > {
-    config.connect(NoTls).await
+    target.config.connect(target.tls.clone()).await
 }
 
 /// `"schema"."table"` or `"table"` for a name that config validation has already checked.
@@ -85,9 +123,12 @@ pub fn bare_name(name: &str) -> &str {
 
 /// Whether a database error is worth retrying after a backoff: the server went away or is
 /// starting or shutting down, the connection broke, a deadlock or serialization failure, too
-/// many connections. Anything else (a missing table, a permission, a syntax error) will not
-/// cure itself.
+/// many connections. Anything else (a missing table, a permission, a syntax error, a server
+/// certificate that fails the `sslmode` check) will not cure itself.
 pub fn is_transient(err: &tokio_postgres::Error) -> bool {
+    if crate::tls::is_certificate_error(err) {
+        return false;
+    }
     if err.is_closed() {
         return true;
     }

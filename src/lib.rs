@@ -13,6 +13,7 @@
 //! - [`shutdown`]: signals -> `CancellationToken`.
 //! - [`db`]: PostgreSQL pools, quoting, SQLSTATE classification.
 //! - [`redis_io`]: Redis connections (shared and dedicated), stream keys, error classes.
+//! - [`tls`]: TLS over rustls: libpq's `sslmode` for PostgreSQL, CA files for Redis.
 //! - [`migrate`]: embedded migrations from `sql/migrations`.
 //! - [`envelope`]: CloudEvents encode/decode.
 //! - [`relay`]: outbox -> stream.
@@ -36,3 +37,4 @@ pub mod redis_io;
 pub mod relay;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;

@@ -196,18 +196,32 @@ impl Redis {
     pub fn new(config: &RedisConfig) -> Result<Redis> {
         let connect_timeout = Duration::from_millis(config.connect_timeout_ms);
         let response_timeout = Duration::from_millis(config.response_timeout_ms);
+        // rediss:// is set up by the redis crate with rustls's process-wide provider.
+        crate::tls::install_default_provider();
+        let root_cert = match &config.ca_file {
+            Some(path) => Some(
+                crate::tls::read_ca_file(path)
+                    .map_err(|message| ConfigError::new("redis.ca_file", message))?,
+            ),
+            None => None,
+        };
         if !config.cluster.is_empty() {
-            let client = ClusterClient::builder(config.cluster.iter().map(String::as_str))
+            let mut builder = ClusterClient::builder(config.cluster.iter().map(String::as_str))
                 .connection_timeout(connect_timeout)
-                .response_timeout(response_timeout)
-                .build()
-                .map_err(|e| {
-                    let nodes: Vec<String> = config.cluster.iter().map(|u| redact_url(u)).collect();
-                    ConfigError::new(
-                        "redis.cluster",
-                        format!("{} is not usable: {e}", nodes.join(", ")),
-                    )
-                })?;
+                .response_timeout(response_timeout);
+            if let Some(root_cert) = root_cert {
+                builder = builder.certs(redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                });
+            }
+            let client = builder.build().map_err(|e| {
+                let nodes: Vec<String> = config.cluster.iter().map(|u| redact_url(u)).collect();
+                ConfigError::new(
+                    "redis.cluster",
+                    format!("{} is not usable: {e}", nodes.join(", ")),
+                )
+            })?;
             return Ok(Redis {
                 client: None,
                 commands: Conn::Cluster(LazyCluster {
@@ -218,7 +232,17 @@ impl Redis {
                 partitions: std::collections::HashMap::new(),
             });
         }
-        let client = Client::open(config.url.as_str()).map_err(|e| {
+        let opened = match root_cert {
+            Some(root_cert) => {
+                let certificates = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                };
+                Client::build_with_tls(config.url.as_str(), certificates)
+            }
+            None => Client::open(config.url.as_str()),
+        };
+        let client = opened.map_err(|e| {
             ConfigError::new(
                 "redis.url",
                 format!("{} is not usable: {e}", redact_url(&config.url)),
@@ -349,9 +373,14 @@ pub fn partition_of(aggregate_id: &str, partitions: u32) -> u32 {
     (h % u64::from(partitions.max(1))) as u32
 }
 
-/// Worth retrying after a backoff: the connection or a server state that passes (loading,
+/// Worth retrying after a backoff: the connection (not a server certificate that fails the
+/// TLS check) or a server state that passes (loading,
 /// read-only replica during failover, cluster reconfiguring, out of memory until trimmed).
 pub fn is_transient(err: &redis::RedisError) -> bool {
+    // A server certificate that fails the check is configuration, whatever its error kind.
+    if crate::tls::is_certificate_error(err) {
+        return false;
+    }
     if err.is_io_error()
         || err.is_timeout()
         || err.is_connection_dropped()

@@ -34,7 +34,12 @@ fn db_url(server: &str, db: &str) -> Result<String> {
 }
 
 async fn connect(url: &str) -> Result<tokio_postgres::Client> {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+    let db = crate::config::DatabaseConfig {
+        url: url.to_string(),
+        pool_size: 1,
+    };
+    let target = crate::db::pg_config("demo", &db)?;
+    let (client, conn) = crate::db::connect_dedicated(&target)
         .await
         .map_err(Error::pg(format!("connecting to {}", redact_url(url))))?;
     tokio::spawn(conn);

@@ -69,7 +69,7 @@ pub struct Relay {
     database: String,
     table: String,
     pool: Pool,
-    pg_config: tokio_postgres::Config,
+    pg: crate::db::PgTarget,
     redis: Redis,
     config: RelayConfig,
     source: String,
@@ -92,12 +92,7 @@ impl std::fmt::Debug for Relay {
 }
 
 impl Relay {
-    pub fn new(
-        config: RelayConfig,
-        pool: Pool,
-        pg_config: tokio_postgres::Config,
-        redis: Redis,
-    ) -> Relay {
+    pub fn new(config: RelayConfig, pool: Pool, pg: crate::db::PgTarget, redis: Redis) -> Relay {
         let quoted = quote_qualified(&config.table);
         let source = config
             .source
@@ -111,7 +106,7 @@ impl Relay {
                 &quote_qualified(&crate::migrate::archive_table(&config.table)),
             ),
             pool,
-            pg_config,
+            pg,
             redis,
             config,
             source,
@@ -529,7 +524,7 @@ impl Relay {
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<()> {
         let wake = Arc::new(Notify::new());
         let listener = tokio::spawn(listen(
-            self.pg_config.clone(),
+            self.pg.clone(),
             self.name(),
             self.pool.clone(),
             self.table.clone(),
@@ -721,7 +716,7 @@ pub async fn held_back_with(
 /// notification. deadpool's pooled connections drop notifications, so this one is driven by
 /// hand (`poll_message`). Reconnects with backoff; the relay's poll interval covers the gaps.
 async fn listen(
-    pg_config: tokio_postgres::Config,
+    pg: crate::db::PgTarget,
     relay: String,
     pool: Pool,
     table: String,
@@ -740,7 +735,7 @@ async fn listen(
                 .get(0);
             drop(client);
             let relid = relid.ok_or_else(|| format!("table {table} does not exist"))?;
-            let (client, mut connection) = crate::db::connect_dedicated(&pg_config)
+            let (client, mut connection) = crate::db::connect_dedicated(&pg)
                 .await
                 .map_err(|e| e.to_string())?;
             let channel = format!("outboxd_{relid}");

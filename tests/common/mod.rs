@@ -90,6 +90,8 @@ impl Drop for TestDb {
 pub struct TestStreams {
     pub prefix: String,
     pub url: String,
+    /// For a `rediss://` server whose certificate a test's own CA signed: that CA (PEM).
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 impl TestStreams {
@@ -101,7 +103,19 @@ impl TestStreams {
         TestStreams {
             prefix: format!("{}:", unique(&format!("t_{tag}"))),
             url: url.to_string(),
+            ca_pem: None,
         }
+    }
+
+    /// On a `rediss://` server whose certificate the CA in `ca_file` signed.
+    pub fn on_tls(tag: &str, url: &str, ca_file: &std::path::Path) -> TestStreams {
+        let mut streams = TestStreams::on(tag, url);
+        streams.ca_pem = Some(std::fs::read(ca_file).expect("read the test CA"));
+        streams
+    }
+
+    pub fn client(&self) -> redis::Client {
+        redis_client(&self.url, self.ca_pem.as_deref())
     }
 
     pub fn key(&self, topic: &str) -> String {
@@ -109,8 +123,7 @@ impl TestStreams {
     }
 
     pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.url.as_str())
-            .unwrap()
+        self.client()
             .get_multiplexed_async_connection()
             .await
             .expect("redis connection")
@@ -145,11 +158,9 @@ impl Drop for TestStreams {
         if std::env::var("OUTBOXD_TEST_KEEP").is_ok() {
             return;
         }
-        let (prefix, url) = (self.prefix.clone(), self.url.clone());
+        let prefix = self.prefix.clone();
+        let client = self.client();
         let _ = std::thread::spawn(move || {
-            let Ok(client) = redis::Client::open(url.as_str()) else {
-                return;
-            };
             let Ok(mut conn) = client.get_connection() else {
                 return;
             };
@@ -162,6 +173,24 @@ impl Drop for TestStreams {
             }
         })
         .join();
+    }
+}
+
+/// A Redis client; with `ca_pem`, TLS (`rediss://`) trusting that CA instead of the system's.
+pub fn redis_client(url: &str, ca_pem: Option<&[u8]>) -> redis::Client {
+    match ca_pem {
+        Some(pem) => {
+            outboxd::tls::install_default_provider();
+            redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.to_vec()),
+                },
+            )
+            .expect("TLS redis client")
+        }
+        None => redis::Client::open(url).unwrap(),
     }
 }
 
