@@ -18,6 +18,10 @@
 //!   `order_status_history` row of its effect (clock_timestamp() in the consumer's transaction,
 //!   which commits right after).
 //!
+//! outboxd talks plain TCP to PostgreSQL here (`sslmode=disable`), as the limit queries do:
+//! the default `prefer` would encrypt to a local server that has TLS on, and the comparison
+//! would measure rustls rather than outboxd.
+//!
 //! Sizes: BENCH_RELAY_ROWS, BENCH_CONSUME_EVENTS, BENCH_RUNS (the test suite runs it tiny);
 //! BENCH_ONLY=relay, consume or latency runs one part (the others' figures are 0).
 //!
@@ -88,7 +92,7 @@ impl Bench {
 url = "{redis}"
 stream_prefix = "{prefix}"
 [databases.main]
-url = "{url}"
+url = "{url}?sslmode=disable"
 [[relays]]
 database = "main"
 batch_size = {BATCH}
