@@ -25,9 +25,9 @@ pub async fn execute(cli: Cli) -> Result<()> {
         Command::Migrate => {
             let report = crate::migrate::migrate(&config).await?;
             for (db, target, version, name) in &report.applied {
-                println!("migrate: {db}: applied {target} version {version} ({name})");
+                crate::outln!("migrate: {db}: applied {target} version {version} ({name})");
             }
-            println!(
+            crate::outln!(
                 "migrate: {} step(s) applied, {} already in place",
                 report.applied.len(),
                 report.already
@@ -272,7 +272,7 @@ async fn relay_once(
                     .join(", ")
             )
         };
-        println!(
+        crate::outln!(
             "relay {name}: {} rows in {:.3} s ({:.0} rows/s); {} failed, {} quarantined; {} held back by open transactions{blockers}",
             summary.published,
             summary.seconds,

@@ -23,6 +23,20 @@
 //! - [`app`]: wiring the commands together.
 //! - [`telemetry`]: metrics and the `/metrics` `/healthz` `/readyz` endpoint.
 
+/// `println!` for the commands' reports, except that a closed stdout (`outboxd status | head`)
+/// ends the process quietly with exit 0, as a reader going away should, instead of panicking.
+#[macro_export]
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use ::std::io::Write as _;
+        if let Err(e) = ::std::writeln!(::std::io::stdout().lock(), $($arg)*) {
+            if e.kind() == ::std::io::ErrorKind::BrokenPipe {
+                ::std::process::exit(0);
+            }
+        }
+    }};
+}
+
 pub mod app;
 pub mod cli;
 pub mod config;

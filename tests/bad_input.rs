@@ -311,3 +311,20 @@ async fn an_event_of_several_megabytes_is_applied_and_others_flow() {
         2
     );
 }
+
+#[tokio::test]
+async fn a_reader_that_goes_away_ends_the_output_quietly() {
+    // `outboxd status | head -1`: stdout closes early; no panic, exit 0
+    let (_db, _streams, cfg) = setup("pipe").await;
+    let mut child = std::process::Command::new(bin())
+        .args(["--config", cfg.to_str().unwrap(), "status"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(0), "{err}");
+}

@@ -879,7 +879,7 @@ pub async fn consume_once(config: &Config, shutdown: &CancellationToken) -> Resu
         let started = Instant::now();
         let t = consumer.drain(shutdown).await?;
         let secs = started.elapsed().as_secs_f64();
-        println!(
+        crate::outln!(
             "consume {}: {} events in {:.3} s ({:.0} events/s): {} applied, {} duplicate, {} skipped, {} dead-lettered",
             consumer.name(),
             t.handled(),

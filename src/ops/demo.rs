@@ -49,7 +49,7 @@ async fn connect(url: &str) -> Result<tokio_postgres::Client> {
 pub async fn run(args: &DemoArgs) -> Result<()> {
     let redis_url =
         std::env::var("OUTBOXD_REDIS_URL").unwrap_or_else(|_| crate::config::defaults::redis_url());
-    println!(
+    crate::outln!(
         "outboxd demo: PostgreSQL {}, Redis {}",
         redact_url(&args.postgres),
         redact_url(&redis_url)
@@ -109,7 +109,7 @@ listen = ""
     }
 
     let report = crate::migrate::migrate(&config).await?;
-    println!(
+    crate::outln!(
         "1. migrate: {} steps applied to {ORDERS_DB} and {FULFILLMENT_DB}",
         report.applied.len()
     );
@@ -125,7 +125,7 @@ listen = ""
         )
         .await
         .map_err(Error::pg("creating demo orders"))?;
-    println!("2. the order service has 5 orders: COD-1001, MULTI-2002, DUP-3003, LATE-4004 (confirmed) and REFUND-5005 (refunded)");
+    crate::outln!("2. the order service has 5 orders: COD-1001, MULTI-2002, DUP-3003, LATE-4004 (confirmed) and REFUND-5005 (refunded)");
 
     // What the fulfillment service writes, each inside its own business transaction.
     let events: Vec<(&str, &str, serde_json::Value)> = vec![
@@ -181,13 +181,13 @@ listen = ""
         .map_err(Error::pg("writing the fulfillment outbox"))?;
         tx.commit().await.map_err(Error::pg("commit"))?;
     }
-    println!("3. the fulfillment service commits {} events to its outbox (LATE-4004's picking arrives after its shipped)", events.len());
+    crate::outln!("3. the fulfillment service commits {} events to its outbox (LATE-4004's picking arrives after its shipped)", events.len());
 
     let pools = crate::app::pools(&config)?;
     let mut relays = crate::relay::build_all(&config, &pools, &redis)?;
     let never = CancellationToken::new();
     let s = relays[0].drain(None, &never, |_| {}).await?;
-    println!(
+    crate::outln!(
         "4. relay {}: {} rows published in {:.3} s",
         relays[0].name(),
         s.published,
@@ -222,13 +222,13 @@ listen = ""
         .query_async(&mut conn)
         .await
         .map_err(Error::redis("XADD"))?;
-    println!(
+    crate::outln!(
         "5. a relay crash republishes DUP-3003's event; a broken producer adds a poison entry"
     );
 
     let consumers = crate::inbox::build_all(&config, &pools, &redis)?;
     let t: Tally = consumers[0].drain(&never).await?;
-    println!(
+    crate::outln!(
         "6. consumer order-status: {} entries: {} applied, {} skipped, {} duplicate, {} dead-lettered",
         t.handled(),
         t.applied,
@@ -237,14 +237,14 @@ listen = ""
         t.dead_lettered
     );
     let s = relays[1].drain(None, &never, |_| {}).await?;
-    println!(
+    crate::outln!(
         "7. relay {}: {} order.status_changed events published to {}",
         relays[1].name(),
         s.published,
         redis.stream_key("order.status_changed")
     );
 
-    println!("\nTimelines (order_status_history):");
+    crate::outln!("\nTimelines (order_status_history):");
     let rows = orders
         .query(
             "SELECT o.id, o.status,
@@ -263,9 +263,9 @@ listen = ""
             "confirmed"
         };
         if steps.is_empty() {
-            println!("  {id:<12} {start}  (unchanged; now {status})");
+            crate::outln!("  {id:<12} {start}  (unchanged; now {status})");
         } else {
-            println!("  {id:<12} {start} -> {steps}");
+            crate::outln!("  {id:<12} {start} -> {steps}");
         }
     }
     let dlq: redis::Value = redis::cmd("XRANGE")
@@ -275,9 +275,9 @@ listen = ""
         .query_async(&mut conn)
         .await
         .map_err(Error::redis("XRANGE dlq"))?;
-    println!("\nDead letters ({}):", crate::inbox::dlq::dlq_key(&key));
+    crate::outln!("\nDead letters ({}):", crate::inbox::dlq::dlq_key(&key));
     for reason in field_values(&dlq, "reason") {
-        println!("  {reason}");
+        crate::outln!("  {reason}");
     }
     let expected = [
         ("COD-1001", "delivered"),
@@ -295,10 +295,10 @@ listen = ""
             .unwrap_or_default();
         if got != want {
             ok = false;
-            println!("  UNEXPECTED: {id} is {got}, expected {want}");
+            crate::outln!("  UNEXPECTED: {id} is {got}, expected {want}");
         }
     }
-    println!(
+    crate::outln!(
         "\nSummary: {} applied, {} skipped (never backwards, terminal, already there), {} deduplicated, {} dead-lettered. {}",
         t.applied,
         t.skipped,
@@ -306,7 +306,7 @@ listen = ""
         t.dead_lettered,
         if ok { "Every order ended where its events say." } else { "Some orders did not end as expected." }
     );
-    println!("Inspect: psql -d {ORDERS_DB} -c 'table order_status_history'; redis-cli XRANGE {PREFIX}order.status_changed - +");
+    crate::outln!("Inspect: psql -d {ORDERS_DB} -c 'table order_status_history'; redis-cli XRANGE {PREFIX}order.status_changed - +");
     if ok {
         Ok(())
     } else {

@@ -292,21 +292,26 @@ pub async fn run(
     match action {
         Action::List => {
             if json {
-                println!(
+                crate::outln!(
                     "{}",
                     serde_json::json!({"dead_letters": letters, "quarantined_rows": rows})
                 );
             } else {
-                println!("DEAD LETTERS ({})", letters.len());
+                crate::outln!("DEAD LETTERS ({})", letters.len());
                 for l in &letters {
-                    println!(
+                    crate::outln!(
                         "  {} {}  stream {} entry {} deliveries {}  reason: {}",
-                        l.dlq, l.id, l.stream, l.original_entry_id, l.deliveries, l.reason
+                        l.dlq,
+                        l.id,
+                        l.stream,
+                        l.original_entry_id,
+                        l.deliveries,
+                        l.reason
                     );
                 }
-                println!("QUARANTINED OUTBOX ROWS ({})", rows.len());
+                crate::outln!("QUARANTINED OUTBOX ROWS ({})", rows.len());
                 for r in &rows {
-                    println!(
+                    crate::outln!(
                         "  {} id {}  topic {} aggregate {} attempts {}  error: {}",
                         r.relay,
                         r.id,
@@ -318,7 +323,7 @@ pub async fn run(
                 }
                 if letters.len() == sel.limit.max(1) {
                     if let Some(last) = letters.last() {
-                        println!("(more may follow: --after {})", last.id);
+                        crate::outln!("(more may follow: --after {})", last.id);
                     }
                 }
             }
@@ -330,7 +335,7 @@ pub async fn run(
                 "discarded"
             };
             // Count what is selected before touching anything.
-            println!(
+            crate::outln!(
                 "dlq: {} {} dead letter(s) and {} quarantined row(s)",
                 if action == Action::Retry {
                     "retrying"
@@ -343,28 +348,35 @@ pub async fn run(
             for l in &letters {
                 if action == Action::Retry {
                     let new_id = retry_dead_letter(&redis, l).await?;
-                    println!(
+                    crate::outln!(
                         "dlq: {verb} dead letter {} {} -> {} {new_id}",
-                        l.dlq, l.id, l.stream
+                        l.dlq,
+                        l.id,
+                        l.stream
                     );
                 } else {
                     discard_dead_letter(&redis, l).await?;
-                    println!(
+                    crate::outln!(
                         "dlq: {verb} dead letter {} {} (reason: {})",
-                        l.dlq, l.id, l.reason
+                        l.dlq,
+                        l.id,
+                        l.reason
                     );
                 }
             }
             for r in &rows {
                 let n = act_on_row(config, &pools, r, action == Action::Retry).await?;
                 if n > 0 {
-                    println!(
+                    crate::outln!(
                         "dlq: {verb} quarantined row {} id {} (topic {}, aggregate {})",
-                        r.relay, r.id, r.topic, r.aggregate_id
+                        r.relay,
+                        r.id,
+                        r.topic,
+                        r.aggregate_id
                     );
                 }
             }
-            println!(
+            crate::outln!(
                 "dlq: {} dead letter(s) and {} quarantined row(s) {verb}",
                 letters.len(),
                 rows.len()

@@ -57,7 +57,7 @@ pub async fn run(config: &Config, older_than: Duration, batch: u32) -> Result<()
             .await
             .map_err(Error::pool(format!("inbox prune {}", c.name)))?;
         let n = prune_consumer(&client, &c.inbox_table, &c.name, older_than, batch).await?;
-        println!(
+        crate::outln!(
             "inbox prune: consumer {}: {n} rows older than {}s deleted from {}.{}",
             c.name,
             older_than.as_secs(),

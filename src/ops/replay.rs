@@ -152,7 +152,7 @@ pub async fn run(
         return Err(ConfigError::new("--until", "must be later than --since").into());
     }
     for (name, n) in replay(config, topic, since_t, until_t, relay).await? {
-        println!(
+        crate::outln!(
             "replay: {n} events of topic {topic} from the archive of {name} republished to {}{topic}",
             config.redis.stream_prefix
         );

@@ -235,16 +235,20 @@ pub async fn run(config: &Config, json: bool) -> Result<()> {
     let redis = Redis::for_config(config)?;
     let status = collect(config, &pools, &redis).await;
     if json {
-        println!(
+        crate::outln!(
             "{}",
             serde_json::to_string(&status).map_err(|e| Error::Other(e.to_string()))?
         );
         return Ok(());
     }
-    println!("OUTBOXES");
-    println!(
+    crate::outln!("OUTBOXES");
+    crate::outln!(
         "{:<28} {:>10} {:>12} {:>11} {:>10}  blockers",
-        "database.table", "backlog", "oldest (s)", "quarantined", "held back"
+        "database.table",
+        "backlog",
+        "oldest (s)",
+        "quarantined",
+        "held back"
     );
     for o in &status.outboxes {
         let blockers = o
@@ -253,7 +257,7 @@ pub async fn run(config: &Config, json: bool) -> Result<()> {
             .map(|b| format!("pid {} ({:.0}s)", b.pid, b.xact_age_seconds))
             .collect::<Vec<_>>()
             .join(", ");
-        println!(
+        crate::outln!(
             "{:<28} {:>10} {:>12} {:>11} {:>10}  {}{}",
             format!("{}.{}", o.database, o.table),
             format!(
@@ -273,14 +277,20 @@ pub async fn run(config: &Config, json: bool) -> Result<()> {
                 .unwrap_or_default()
         );
     }
-    println!();
-    println!("CONSUMERS");
-    println!(
+    crate::outln!();
+    crate::outln!("CONSUMERS");
+    crate::outln!(
         "{:<20} {:<34} {:>8} {:>8} {:>8} {:>14} {:>6}",
-        "name", "stream", "length", "lag", "pending", "oldest idle(s)", "dlq"
+        "name",
+        "stream",
+        "length",
+        "lag",
+        "pending",
+        "oldest idle(s)",
+        "dlq"
     );
     for c in &status.consumers {
-        println!(
+        crate::outln!(
             "{:<20} {:<34} {:>8} {:>8} {:>8} {:>14} {:>6}{}",
             c.name,
             c.stream,
