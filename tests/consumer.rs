@@ -1015,3 +1015,24 @@ async fn sigterm_finishes_and_acknowledges_the_batch_in_hand() {
     );
     assert_eq!(count(&client, "SELECT count(*) FROM inbox").await, applied);
 }
+
+#[tokio::test]
+async fn consume_once_leaves_no_consumer_name_behind() {
+    let (db, streams, cfg) = ledger_setup("forget").await;
+    xadd_events(&streams, 0..20).await;
+    for _ in 0..3 {
+        outboxd(&cfg, &["consume", "--once"]);
+    }
+    assert_eq!(
+        count(&db.client().await, "SELECT count(*) FROM ledger").await,
+        20
+    );
+    let consumers: Vec<redis::Value> = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(streams.key("events"))
+        .arg("ledger")
+        .query_async(&mut streams.conn().await)
+        .await
+        .unwrap();
+    assert!(consumers.is_empty(), "{consumers:?}");
+}

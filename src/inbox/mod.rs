@@ -603,6 +603,34 @@ RETURNING event_id"
         Ok(conflicts)
     }
 
+    /// Removes this instance's consumer name from its groups when it holds no pending entry,
+    /// so short-lived instances (`consume --once`, restarts) do not pile up in `XINFO
+    /// CONSUMERS`. A name with pending entries stays: deleting it would orphan them. Best
+    /// effort: a failure here only leaves the name behind.
+    pub async fn forget_self(&self) {
+        let mut conn = self.redis.commands();
+        for key in &self.keys {
+            let mine: redis::RedisResult<redis::Value> = redis::cmd("XPENDING")
+                .arg(key)
+                .arg(&self.config.name)
+                .arg("-")
+                .arg("+")
+                .arg(1)
+                .arg(&self.consumer_name)
+                .query_async(&mut conn)
+                .await;
+            if matches!(mine, Ok(redis::Value::Array(ref held)) if held.is_empty()) {
+                let _: redis::RedisResult<i64> = redis::cmd("XGROUP")
+                    .arg("DELCONSUMER")
+                    .arg(key)
+                    .arg(&self.config.name)
+                    .arg(&self.consumer_name)
+                    .query_async(&mut conn)
+                    .await;
+            }
+        }
+    }
+
     /// The daemon loop: own pending entries first, then new ones with a blocking read on a
     /// dedicated connection, claiming idle entries every half `claim_idle_ms`. Transient
     /// trouble backs off, reconnects, and rescans the pending entries before going on.
@@ -714,6 +742,7 @@ RETURNING event_id"
                 Err(e) => return Err(e),
             }
         }
+        self.forget_self().await;
         tracing::info!(consumer = %self.config.name, "consumer stopped");
         Ok(())
     }
@@ -878,6 +907,7 @@ pub async fn consume_once(config: &Config, shutdown: &CancellationToken) -> Resu
     for consumer in consumers {
         let started = Instant::now();
         let t = consumer.drain(shutdown).await?;
+        consumer.forget_self().await;
         let secs = started.elapsed().as_secs_f64();
         crate::outln!(
             "consume {}: {} events in {:.3} s ({:.0} events/s): {} applied, {} duplicate, {} skipped, {} dead-lettered",

@@ -151,10 +151,32 @@ pub async fn run(
     if until_t <= since_t {
         return Err(ConfigError::new("--until", "must be later than --since").into());
     }
-    for (name, n) in replay(config, topic, since_t, until_t, relay).await? {
+    let results = replay(config, topic, since_t, until_t, relay).await?;
+    for (name, n) in &results {
         crate::outln!(
             "replay: {n} events of topic {topic} from the archive of {name} republished to {}{topic}",
             config.redis.stream_prefix
+        );
+    }
+    if results.iter().all(|(_, n)| *n == 0) {
+        // Say where nothing was found, so a misspelled topic or a relay without an archive
+        // is not mistaken for "nothing was lost".
+        let unarchived: Vec<String> = config
+            .relays
+            .iter()
+            .filter(|r| r.archive_retention_hours == 0)
+            .map(|r| format!("{}.{}", r.database, r.table))
+            .collect();
+        crate::outln!(
+            "replay: no archived event of topic {topic} in that range; check the topic's spelling{}",
+            if unarchived.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; not searched (no archive_retention_hours): {}",
+                    unarchived.join(", ")
+                )
+            }
         );
     }
     Ok(())
