@@ -97,6 +97,61 @@ pub async fn connect_dedicated(
     target.config.connect(target.tls.clone()).await
 }
 
+/// A transaction begun by hand on a pooled connection, so that `BEGIN` can travel in the same
+/// round trip as the transaction's first statement (tokio-postgres's own `transaction()`
+/// waits for it alone). Dropped while still open (an error, a cancelled future), it takes
+/// the connection out of the pool and closes it, which makes the server roll back: a
+/// connection never goes back to the pool in the middle of a transaction.
+pub struct OpenTransaction {
+    client: Option<deadpool_postgres::Object>,
+}
+
+impl std::fmt::Debug for OpenTransaction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenTransaction")
+            .field("open", &self.client.is_some())
+            .finish()
+    }
+}
+
+impl OpenTransaction {
+    /// Takes charge of `client`, on which the caller is about to send `BEGIN`.
+    pub fn new(client: deadpool_postgres::Object) -> OpenTransaction {
+        OpenTransaction {
+            client: Some(client),
+        }
+    }
+
+    /// The connection, for the transaction's statements.
+    pub fn client(&self) -> &deadpool_postgres::Object {
+        // Always Some until commit or rollback consume self.
+        self.client.as_ref().unwrap_or_else(|| unreachable!())
+    }
+
+    pub async fn commit(self) -> Result<(), tokio_postgres::Error> {
+        self.end("COMMIT").await
+    }
+
+    pub async fn rollback(self) -> Result<(), tokio_postgres::Error> {
+        self.end("ROLLBACK").await
+    }
+
+    /// Ends the transaction; the connection goes back to the pool only if that worked.
+    async fn end(mut self, statement: &str) -> Result<(), tokio_postgres::Error> {
+        self.client().batch_execute(statement).await?;
+        self.client = None;
+        Ok(())
+    }
+}
+
+impl Drop for OpenTransaction {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            drop(deadpool_postgres::Object::take(client));
+        }
+    }
+}
+
 /// `"schema"."table"` or `"table"` for a name that config validation has already checked.
 pub fn quote_qualified(name: &str) -> String {
     name.split('.')

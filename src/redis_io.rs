@@ -347,6 +347,11 @@ impl Redis {
         }
     }
 
+    /// Whether the topic is spread over partition streams.
+    pub fn is_partitioned(&self, topic: &str) -> bool {
+        self.partitions.contains_key(topic)
+    }
+
     /// The stream an aggregate's events of a topic go to: its partition is a stable hash of
     /// the aggregate ID, so all its events land in one stream, in order.
     pub fn stream_key_for(&self, topic: &str, aggregate_id: &str) -> String {

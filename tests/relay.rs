@@ -841,3 +841,99 @@ async fn a_known_stream_replaced_by_another_type_is_caught_and_retried() {
     assert_eq!(relay.run_batch().await.unwrap().published, 2);
     assert_eq!(count(&client, "SELECT count(*) FROM outbox").await, 0);
 }
+
+/// The pipelined relay claims past the batch in flight while batches are whole heads of the
+/// table. A row whose transaction began first (lowest id) but commits in the middle of such a
+/// run sits below that bound: it must still be published in the same run, not left behind
+/// until the run ends.
+#[tokio::test]
+async fn a_late_commit_below_the_pipelines_bound_is_published_in_the_same_run() {
+    let (db, streams, _) = migrated("late").await;
+    let client = db.client().await;
+    let late = db.client().await;
+    late.batch_execute("BEGIN").await.unwrap();
+    late.execute(
+        "INSERT INTO outbox (topic, aggregate_id, payload) VALUES ($1, 'late', '{\"agg\":\"late\",\"seq\":30000}')",
+        &[&TOPIC],
+    )
+    .await
+    .unwrap();
+    insert_rows(&client, TOPIC, 30_000, 300).await;
+    let relay = relay_from(&relay_config(&db.url, &streams.prefix, "batch_size = 500"));
+    let relid: u32 = client
+        .query_one("SELECT 'outbox'::regclass::oid", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let never = tokio_util::sync::CancellationToken::new();
+    let committer = async {
+        wait_until(
+            "a few batches on the stream",
+            Duration::from_secs(30),
+            || async { streams.entries(TOPIC).await.len() >= 2_000 },
+        )
+        .await;
+        late.batch_execute("COMMIT").await.unwrap();
+    };
+    let mut batches = 0;
+    let mut progress = |_: &outboxd::relay::BatchOutcome| batches += 1;
+    let (run, ()) = tokio::join!(relay.pipeline(relid, &never, &mut progress), committer);
+    assert!(batches >= 60, "one run of batches: {batches}");
+    assert!(run.error.is_none(), "{:?}", run.error);
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM outbox").await,
+        0,
+        "one run published everything, the late row included"
+    );
+    let entries = streams.entries(TOPIC).await;
+    assert_eq!(check_stream(&entries, 30_001), 0, "no duplicates");
+}
+
+/// A batch's transaction is begun by hand (BEGIN travels with the claim). When such a
+/// transaction is dropped unfinished, its connection must not go back to the pool with the
+/// transaction still open.
+#[tokio::test]
+async fn an_unfinished_transaction_never_returns_to_the_pool() {
+    let (db, _streams, cfg) = migrated("opentx").await;
+    let config = Config::load(Some(&cfg), &Default::default(), &[]).unwrap();
+    let pool = outboxd::app::pools(&config)
+        .unwrap()
+        .remove("main")
+        .unwrap();
+    {
+        let tx = outboxd::db::OpenTransaction::new(pool.get().await.unwrap());
+        tx.client()
+            .batch_execute(
+                "BEGIN; INSERT INTO outbox (topic, aggregate_id, payload) VALUES ('t', 'a', '{}')",
+            )
+            .await
+            .unwrap();
+    }
+    let client = pool.get().await.unwrap();
+    let in_transaction: bool = client
+        .query_one("SELECT txid_current_if_assigned() IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        !in_transaction,
+        "a pooled connection was still in a transaction"
+    );
+    assert_eq!(
+        count(&db.client().await, "SELECT count(*) FROM outbox").await,
+        0,
+        "the unfinished transaction rolled back"
+    );
+    let tx = outboxd::db::OpenTransaction::new(client);
+    tx.client()
+        .batch_execute(
+            "BEGIN; INSERT INTO outbox (topic, aggregate_id, payload) VALUES ('t', 'a', '{}')",
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(
+        count(&db.client().await, "SELECT count(*) FROM outbox").await,
+        1
+    );
+}

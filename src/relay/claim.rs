@@ -30,7 +30,7 @@ const HELD: &str = "held AS MATERIALIZED (
 
 #[derive(Debug, Clone)]
 pub struct Statements {
-    /// $1 table oid, $2 batch size.
+    /// $1 table oid, $2 batch size, $3 lower bound (exclusive) of the ids claimed.
     pub claim: String,
     /// $1 last claimed id -> rows with an id up to it. When that equals the batch size the
     /// batch is exactly the head of the table and every claimed row is publishable.
@@ -40,9 +40,9 @@ pub struct Statements {
     pub rows_before: String,
     /// $1 ids, $2 aggregate ids (claimed, in id order) -> publishable ids.
     pub head_of_aggregate: String,
-    /// $1 ids.
+    /// $1 ctids (text) of rows this transaction has locked.
     pub delete: String,
-    /// $1 ids: delete and keep in the archive (for replay).
+    /// $1 ctids (text): delete and keep in the archive (for replay).
     pub delete_to_archive: String,
     /// $1 retention hours, $2 batch -> archive rows pruned.
     pub prune_archive: String,
@@ -63,7 +63,7 @@ impl Statements {
     pub fn for_table(quoted: &str, archive: &str) -> Statements {
         Statements {
             delete_to_archive: format!(
-                "WITH d AS (DELETE FROM {quoted} WHERE id = ANY($1::bigint[])
+                "WITH d AS (DELETE FROM {quoted} WHERE ctid = ANY($1::text[]::tid[])
     RETURNING id, event_id, topic, aggregate_id, payload, headers, created_at)
 INSERT INTO {archive} (id, event_id, topic, aggregate_id, payload, headers, created_at)
 SELECT * FROM d ON CONFLICT (id) DO NOTHING"
@@ -74,11 +74,11 @@ SELECT * FROM d ON CONFLICT (id) DO NOTHING"
             ),
             claim: format!(
                 "WITH {HELD}
-SELECT o.id, o.event_id::text, o.topic, o.aggregate_id, o.payload::text,
-       o.headers->>'traceparent',
-       extract(epoch FROM o.created_at)::float8
+SELECT o.id, o.event_id, o.topic, o.aggregate_id, o.payload::text,
+       o.headers->>'traceparent', o.created_at, o.ctid::text
 FROM {quoted} o
-WHERE o.quarantined_at IS NULL
+WHERE o.id > $3
+  AND o.quarantined_at IS NULL
   AND NOT EXISTS (SELECT 1 FROM held h WHERE h.objsubid = 1)
   AND NOT EXISTS (SELECT 1 FROM held h WHERE h.objsubid = 2 AND h.objid = hashtext(o.aggregate_id)::oid)
   -- The per-row probe for an earlier quarantined row of the aggregate only runs when the
@@ -105,7 +105,7 @@ FOR UPDATE OF o SKIP LOCKED"
 )
 SELECT b.id FROM b JOIN t ON t.agg = b.agg AND t.rn = b.rn AND t.id = b.id"
             ),
-            delete: format!("DELETE FROM {quoted} WHERE id = ANY($1::bigint[])"),
+            delete: format!("DELETE FROM {quoted} WHERE ctid = ANY($1::text[]::tid[])"),
             record_failures: format!(
                 "UPDATE {quoted} AS o
 SET attempts = o.attempts + 1,

@@ -15,10 +15,11 @@ use crate::redis_io::Redis;
 use crate::telemetry::metrics;
 use claim::Statements;
 use deadpool_postgres::Pool;
+use futures_util::StreamExt;
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::Notify;
+use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
 /// Up to this many rows outside the batch before its end, the head-of-aggregate check reads
@@ -40,6 +41,66 @@ pub struct BatchOutcome {
     pub failed: usize,
     /// Of those, rows that reached max_attempts and were quarantined.
     pub quarantined: usize,
+}
+
+/// What a run of pipelined batches did (see [`Relay::pipeline`]).
+#[derive(Debug, Default)]
+pub struct PipelineRun {
+    /// The batches' outcomes, summed.
+    pub outcome: BatchOutcome,
+    /// A batch claimed rows and could publish none of them: other relays hold the heads of
+    /// their aggregates for the moment.
+    pub stalled: bool,
+    /// The first error of a batch; the batches beside it still finished.
+    pub error: Option<Error>,
+}
+
+/// One claimed outbox row, in the claim's column order (see `claim.rs`).
+struct OutboxRow<'a> {
+    id: i64,
+    /// The row's physical address, for the delete: stable while this transaction holds the
+    /// row lock.
+    ctid: &'a str,
+    // uuid and timestamptz come in binary: PostgreSQL formatting them as text costs more
+    // than doing it here
+    event_id: uuid::Uuid,
+    topic: &'a str,
+    aggregate_id: &'a str,
+    payload: &'a str,
+    traceparent: Option<&'a str>,
+    created_at: std::time::SystemTime,
+}
+
+impl<'a> OutboxRow<'a> {
+    fn from_claim(row: &'a tokio_postgres::Row) -> OutboxRow<'a> {
+        OutboxRow {
+            id: row.get(0),
+            event_id: row.get(1),
+            topic: row.get(2),
+            aggregate_id: row.get(3),
+            payload: row.get(4),
+            traceparent: row.get(5),
+            created_at: row.get(6),
+            ctid: row.get(7),
+        }
+    }
+}
+
+/// What a batch tells the pipeline once it has claimed.
+#[derive(Debug, Clone, Copy)]
+struct Claimed {
+    /// The claim came back full: there is probably more.
+    full: bool,
+    /// The last id claimed (claims are in id order).
+    last_id: i64,
+}
+
+/// A finished batch, and whether it was the whole head of the table (no row at or below its
+/// last id outside it), which lets the next batch start before it has committed.
+#[derive(Debug)]
+struct Finished {
+    outcome: BatchOutcome,
+    clean: bool,
 }
 
 /// A session whose open transaction holds rows back.
@@ -75,11 +136,11 @@ pub struct Relay {
     source: String,
     sql: Statements,
     relid: Option<u32>,
-    buf: Vec<u8>,
     /// Stream keys this relay has published to: they hold streams, so the type check before
     /// publishing skips them (one round trip less per batch). Forgotten when Redis rejects
-    /// an entry, since a key can be deleted and recreated as another type.
-    known_streams: HashSet<String>,
+    /// an entry, since a key can be deleted and recreated as another type. Shared by the
+    /// batches in flight; never held across an await.
+    known_streams: Mutex<HashSet<String>>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -111,8 +172,7 @@ impl Relay {
             config,
             source,
             relid: None,
-            buf: Vec::with_capacity(1024),
-            known_streams: HashSet::new(),
+            known_streams: Mutex::new(HashSet::new()),
         }
     }
 
@@ -125,10 +185,15 @@ impl Relay {
     }
 
     /// The table's oid: the key of its advisory locks and NOTIFY channel.
-    async fn relid(&mut self, client: &deadpool_postgres::Client) -> Result<u32> {
+    async fn relid(&mut self) -> Result<u32> {
         if let Some(relid) = self.relid {
             return Ok(relid);
         }
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(Error::pool(self.ctx("getting a connection")))?;
         let row = client
             .query_one(
                 "SELECT to_regclass($1)::oid",
@@ -149,67 +214,201 @@ impl Relay {
         Ok(relid)
     }
 
-    /// Claims, publishes and deletes one batch.
+    /// Claims, publishes and deletes one batch, with no other batch of this relay in flight.
     pub async fn run_batch(&mut self) -> Result<BatchOutcome> {
-        let started = Instant::now();
-        let mut client = self
+        let relid = self.relid().await?;
+        let (claimed, _) = oneshot::channel();
+        let (done, _) = oneshot::channel();
+        Ok(self.batch(relid, 0, None, claimed, done).await?.outcome)
+    }
+
+    /// Batches back to back while their claims come back full, up to two in flight: while
+    /// one batch checks its heads, publishes and commits, the next one claims, and checks its
+    /// own heads after that commit.
+    ///
+    /// The next batch is launched early only while the batches were whole heads of the table
+    /// (no row at or below a batch's last id outside it: the single relay draining a
+    /// backlog), and then it claims only rows after those of the batch in flight. Otherwise
+    /// its claim would walk past the locked rows of the batch in flight one by one, which
+    /// costs PostgreSQL more than the overlap saves: the batches then run one after another.
+    /// Any subset of rows is a safe claim (order comes from the head check, not from what is
+    /// claimed), and a row the bound skips (a late commit below it) is seen by the next check,
+    /// which is then not clean, so the batch after it starts from the beginning again. The
+    /// wait for the previous commit is for speed too: a check that ran earlier would see the
+    /// previous batch's rows and hold their aggregates back, as with any other relay; after
+    /// the commit they are gone and the check's fast path applies.
+    ///
+    /// Stops launching batches when a claim comes back short, when a batch publishes nothing
+    /// of what it claimed (other relays hold the heads; no point spinning), on an error, or on
+    /// shutdown, and returns once the batches in flight have finished.
+    pub async fn pipeline(
+        &self,
+        relid: u32,
+        shutdown: &CancellationToken,
+        progress: &mut (dyn FnMut(&BatchOutcome) + Send),
+    ) -> PipelineRun {
+        const IN_FLIGHT: usize = 2;
+        let mut run = PipelineRun::default();
+        let mut in_flight = futures_util::stream::FuturesOrdered::new();
+        let mut previous_done: Option<oneshot::Receiver<()>> = None;
+        // the last id claimed by the batch launched last, and whether the batch that finished
+        // last was the whole head of the table
+        let mut last_claimed = 0_i64;
+        let mut clean = false;
+        let mut launch = true;
+        let mut finished = |result: Result<Finished>,
+                            run: &mut PipelineRun,
+                            launch: &mut bool,
+                            clean: &mut bool| match result {
+            Ok(Finished {
+                outcome: o,
+                clean: c,
+            }) => {
+                *clean = c;
+                run.outcome.claimed += o.claimed;
+                run.outcome.published += o.published;
+                run.outcome.failed += o.failed;
+                run.outcome.quarantined += o.quarantined;
+                if o.claimed > 0 && o.published == 0 {
+                    run.stalled = true;
+                    *launch = false;
+                }
+                progress(&o);
+            }
+            Err(e) => {
+                *launch = false;
+                if run.error.is_none() {
+                    run.error = Some(e);
+                }
+            }
+        };
+        loop {
+            let room = in_flight.is_empty() || (clean && in_flight.len() < IN_FLIGHT);
+            if launch && room && !shutdown.is_cancelled() {
+                let lower_bound = if in_flight.is_empty() {
+                    0
+                } else {
+                    last_claimed
+                };
+                let (claimed_tx, mut claimed_rx) = oneshot::channel();
+                let (done_tx, done_rx) = oneshot::channel();
+                in_flight.push_back(self.batch(
+                    relid,
+                    lower_bound,
+                    previous_done.replace(done_rx),
+                    claimed_tx,
+                    done_tx,
+                ));
+                // The batches in flight keep moving while this one claims.
+                loop {
+                    tokio::select! {
+                        claimed = &mut claimed_rx => {
+                            match claimed {
+                                Ok(Claimed { full: true, last_id }) => last_claimed = last_id,
+                                _ => launch = false,
+                            }
+                            break;
+                        }
+                        Some(result) = in_flight.next() => {
+                            finished(result, &mut run, &mut launch, &mut clean)
+                        }
+                    }
+                }
+                continue;
+            }
+            match in_flight.next().await {
+                Some(result) => finished(result, &mut run, &mut launch, &mut clean),
+                None => return run,
+            }
+        }
+    }
+
+    /// One batch: claim rows with an id above `lower_bound`, wait for `after` (the previous
+    /// batch's commit, or its failure), check the heads, publish, delete and commit. `claimed`
+    /// tells the pipeline what was claimed (dropped unsent on an error); `done` fires after
+    /// the commit (dropped unsent when the batch fails: its rows stay in place).
+    async fn batch(
+        &self,
+        relid: u32,
+        lower_bound: i64,
+        after: Option<oneshot::Receiver<()>>,
+        claimed: oneshot::Sender<Claimed>,
+        done: oneshot::Sender<()>,
+    ) -> Result<Finished> {
+        let mut started = Instant::now();
+        let client = self
             .pool
             .get()
             .await
             .map_err(Error::pool(self.ctx("getting a connection")))?;
-        let relid = self.relid(&client).await?;
         let limit = i64::from(self.config.batch_size);
         let ctx_claim = self.ctx("claiming a batch");
-        let tx = client
-            .transaction()
-            .await
-            .map_err(Error::pg(ctx_claim.clone()))?;
-        // A relay commit only deletes rows Redis already holds. If a crash loses it, the rows
-        // are published again, which is the at-least-once contract anyway, so the commit
-        // need not wait for the WAL flush (it is still ordered and atomic).
-        let claim = tx
+        let claim = client
             .prepare_cached(&self.sql.claim)
             .await
             .map_err(Error::pg(ctx_claim.clone()))?;
-        // Sent together: the connection runs them in order, one round trip for both.
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&relid, &limit];
-        let (set, rows) = tokio::join!(
-            tx.batch_execute("SET LOCAL synchronous_commit = off"),
-            tx.query(&claim, &params)
+        let tx = crate::db::OpenTransaction::new(client);
+        let client = tx.client();
+        // BEGIN and the claim are sent together: the connection runs them in order, in one
+        // round trip. A relay commit only deletes rows Redis already holds; if a crash loses
+        // it, the rows are published again, which is the at-least-once contract anyway, so
+        // the commit need not wait for the WAL flush (it is still ordered and atomic).
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+            [&relid, &limit, &lower_bound];
+        let (begun, rows) = tokio::join!(
+            client.batch_execute("BEGIN; SET LOCAL synchronous_commit = off"),
+            client.query(&claim, &params)
         );
-        set.map_err(Error::pg(ctx_claim.clone()))?;
+        begun.map_err(Error::pg(ctx_claim.clone()))?;
         let rows = rows.map_err(Error::pg(ctx_claim.clone()))?;
         let mut outcome = BatchOutcome {
             claimed: rows.len(),
             ..BatchOutcome::default()
         };
+        let _ = claimed.send(Claimed {
+            full: rows.len() >= self.config.batch_size as usize,
+            last_id: rows.last().map_or(0, |r| r.get::<_, i64>(0)),
+        });
         if rows.is_empty() {
             tx.rollback().await.map_err(Error::pg(ctx_claim))?;
-            return Ok(outcome);
+            return Ok(Finished {
+                outcome,
+                clean: true,
+            });
         }
-        let ids: Vec<i64> = rows.iter().map(|r| r.get::<_, i64>(0)).collect();
-        let aggregates: Vec<&str> = rows.iter().map(|r| r.get::<_, &str>(3)).collect();
+        if let Some(after) = after {
+            let waiting = Instant::now();
+            // Sent or dropped, the previous batch's transaction is over or going: either way
+            // the check below is right (see `pipeline`).
+            let _ = after.await;
+            started += waiting.elapsed();
+        }
+        // Each column read once (a text column is checked for UTF-8 on every read).
+        let claimed_rows: Vec<OutboxRow<'_>> = rows.iter().map(OutboxRow::from_claim).collect();
+        let ids: Vec<i64> = claimed_rows.iter().map(|r| r.id).collect();
+        let aggregates: Vec<&str> = claimed_rows.iter().map(|r| r.aggregate_id).collect();
         // Both checks run in statements of their own, so with snapshots taken after the
         // claim's read of pg_locks (see claim.rs).
         let last_id = ids.iter().copied().max().unwrap_or(0);
-        let up_to = tx
+        let up_to = client
             .prepare_cached(&self.sql.rows_up_to)
             .await
             .map_err(Error::pg(self.ctx("head-of-table check")))?;
-        let rows_up_to: i64 = tx
+        let rows_up_to: i64 = client
             .query_one(&up_to, &[&last_id])
             .await
             .map_err(Error::pg(self.ctx("head-of-table check")))?
             .get(0);
         let outside = rows_up_to - ids.len() as i64;
-        let publishable: HashSet<i64> = if outside == 0 {
-            ids.iter().copied().collect()
+        // publishable[i]: claimed row i is at the head of its aggregate
+        let publishable: Vec<bool> = if outside == 0 {
+            vec![true; ids.len()]
         } else if outside <= SMALL_GAP_ROWS {
-            let before = tx
+            let before = client
                 .prepare_cached(&self.sql.rows_before)
                 .await
                 .map_err(Error::pg(self.ctx("head-of-aggregate check")))?;
-            let table_rows = tx
+            let table_rows = client
                 .query(&before, &[&last_id])
                 .await
                 .map_err(Error::pg(self.ctx("head-of-aggregate check")))?;
@@ -226,114 +425,147 @@ impl Relay {
             }
             ids.iter()
                 .zip(&aggregates)
-                .filter(|(id, agg)| first_outside.get(*agg).is_none_or(|g| **id < *g))
-                .map(|(id, _)| *id)
+                .map(|(id, agg)| first_outside.get(agg).is_none_or(|g| id < g))
                 .collect()
         } else {
-            let head = tx
+            let head = client
                 .prepare_cached(&self.sql.head_of_aggregate)
                 .await
                 .map_err(Error::pg(self.ctx("head-of-aggregate check")))?;
-            tx.query(&head, &[&ids, &aggregates])
+            let heads: HashSet<i64> = client
+                .query(&head, &[&ids, &aggregates])
                 .await
                 .map_err(Error::pg(self.ctx("head-of-aggregate check")))?
                 .iter()
                 .map(|r| r.get::<_, i64>(0))
-                .collect()
+                .collect();
+            ids.iter().map(|id| heads.contains(id)).collect()
         };
+        let clean = outside == 0;
 
-        // Build the entries in id order. A row that fails locally (too large, unusable topic)
-        // stops the rest of its aggregate in this batch, so nothing overtakes it.
-        let mut entries: Vec<(String, Vec<u8>)> = Vec::with_capacity(publishable.len());
-        let mut entry_rows: Vec<(i64, &str, f64)> = Vec::with_capacity(publishable.len());
-        let mut failures: Vec<(i64, String)> = Vec::new();
-        let mut stopped: HashSet<&str> = HashSet::new();
-        let mut time_buf = String::with_capacity(32);
-        let mut conn = self.redis.commands();
-        let mut stream_keys: Vec<String> = rows
+        // Stream keys: one per topic, or per partition of a partitioned topic.
+        let mut topic_keys: Vec<(&str, String)> = Vec::new();
+        let row_keys: Vec<String> = claimed_rows
             .iter()
-            .filter(|r| publishable.contains(&r.get::<_, i64>(0)))
-            .map(|r| self.redis.stream_key_for(r.get(2), r.get(3)))
+            .map(|r| {
+                if self.redis.is_partitioned(r.topic) {
+                    return self.redis.stream_key_for(r.topic, r.aggregate_id);
+                }
+                match topic_keys.iter().find(|(t, _)| *t == r.topic) {
+                    Some((_, key)) => key.clone(),
+                    None => {
+                        let key = self.redis.stream_key(r.topic);
+                        topic_keys.push((r.topic, key.clone()));
+                        key
+                    }
+                }
+            })
             .collect();
-        stream_keys.sort_unstable();
-        stream_keys.dedup();
-        stream_keys.retain(|k| !self.known_streams.contains(k));
-        let key_refs: Vec<&str> = stream_keys.iter().map(String::as_str).collect();
-        let unusable: HashMap<String, String> = publish::unusable_keys(&mut conn, &key_refs)
+        let mut conn = self.redis.commands();
+        let mut unknown_keys: Vec<&str> = row_keys
+            .iter()
+            .zip(&publishable)
+            .filter(|(_, p)| **p)
+            .map(|(k, _)| k.as_str())
+            .collect();
+        unknown_keys.sort_unstable();
+        unknown_keys.dedup();
+        if let Ok(known) = self.known_streams.lock() {
+            unknown_keys.retain(|k| !known.contains(*k));
+        }
+        let unusable: HashMap<String, String> = publish::unusable_keys(&mut conn, &unknown_keys)
             .await?
             .into_iter()
             .collect();
-        for row in &rows {
-            let id: i64 = row.get(0);
-            let aggregate: &str = row.get(3);
-            if !publishable.contains(&id) || stopped.contains(aggregate) {
+        let mut topic_errors: Vec<(&str, Option<String>)> = Vec::new();
+
+        // Build the entries in id order. A row that fails locally (too large, unusable topic)
+        // stops the rest of its aggregate in this batch, so nothing overtakes it.
+        let mut entries: Vec<(String, Vec<u8>)> = Vec::with_capacity(claimed_rows.len());
+        let mut entry_rows: Vec<(i64, &str, &str)> = Vec::with_capacity(claimed_rows.len());
+        let mut failures: Vec<(i64, String)> = Vec::new();
+        let mut stopped: HashSet<&str> = HashSet::new();
+        let mut time_buf = String::with_capacity(32);
+        let mut uuid_buf = uuid::Uuid::encode_buffer();
+        for ((row, key), head) in claimed_rows.iter().zip(row_keys).zip(&publishable) {
+            if !head || (!stopped.is_empty() && stopped.contains(row.aggregate_id)) {
                 continue;
             }
-            let topic: &str = row.get(2);
-            if let Err(e) = crate::config::validate_topic("topic", topic) {
-                failures.push((id, format!("unusable topic: {}", e.message)));
-                stopped.insert(aggregate);
+            let topic_error = match topic_errors.iter().find(|(t, _)| *t == row.topic) {
+                Some((_, e)) => e.clone(),
+                None => {
+                    let e = crate::config::validate_topic("topic", row.topic)
+                        .err()
+                        .map(|e| e.message);
+                    topic_errors.push((row.topic, e.clone()));
+                    e
+                }
+            };
+            if let Some(e) = topic_error {
+                failures.push((row.id, format!("unusable topic: {e}")));
+                stopped.insert(row.aggregate_id);
                 continue;
             }
-            let key = self.redis.stream_key_for(topic, aggregate);
             if let Some(kind) = unusable.get(&key) {
                 failures.push((
-                    id,
+                    row.id,
                     format!("WRONGTYPE: stream key {key} holds a {kind}, not a stream"),
                 ));
-                stopped.insert(aggregate);
+                stopped.insert(row.aggregate_id);
                 continue;
             }
-            let event_id: &str = row.get(1);
-            let payload: &str = row.get(4);
-            let traceparent: Option<&str> = row.get(5);
-            let created_epoch: f64 = row.get(6);
+            let created_epoch = match row.created_at.duration_since(std::time::UNIX_EPOCH) {
+                Ok(after) => after.as_secs_f64(),
+                Err(before) => -before.duration().as_secs_f64(),
+            };
             crate::envelope::format_rfc3339_micros(created_epoch, &mut time_buf);
-            let time = time_buf.as_str();
+            let mut envelope = Vec::with_capacity(row.payload.len() + 256);
             let len = encode_into(
                 &Outgoing {
-                    event_id,
+                    event_id: row.event_id.hyphenated().encode_lower(&mut uuid_buf),
                     source: &self.source,
-                    topic,
-                    aggregate_id: aggregate,
-                    time,
-                    payload_json: payload,
-                    traceparent,
+                    topic: row.topic,
+                    aggregate_id: row.aggregate_id,
+                    time: &time_buf,
+                    payload_json: row.payload,
+                    traceparent: row.traceparent,
                 },
-                &mut self.buf,
+                &mut envelope,
             );
             if len > self.config.max_entry_bytes {
                 failures.push((
-                    id,
+                    row.id,
                     format!(
                         "envelope is {len} bytes, over max_entry_bytes = {}",
                         self.config.max_entry_bytes
                     ),
                 ));
-                stopped.insert(aggregate);
+                stopped.insert(row.aggregate_id);
                 continue;
             }
-            entries.push((key, self.buf.clone()));
-            entry_rows.push((id, topic, created_epoch));
+            entries.push((key, envelope));
+            entry_rows.push((row.id, row.ctid, row.topic));
         }
 
         // The delete runs while Redis takes the entries: it is undone by the rollback if
-        // publishing fails, and nothing commits before Redis has accepted every entry.
-        let entry_ids: Vec<i64> = entry_rows.iter().map(|e| e.0).collect();
+        // publishing fails, and nothing commits before Redis has accepted every entry. It
+        // goes by ctid (no index probe per row): the rows are locked by this transaction, so
+        // nothing can have moved them.
+        let entry_ctids: Vec<&str> = entry_rows.iter().map(|e| e.1).collect();
         let delete_sql = if self.config.archive_retention_hours > 0 {
             &self.sql.delete_to_archive
         } else {
             &self.sql.delete
         };
-        let delete = tx
+        let delete = client
             .prepare_cached(delete_sql)
             .await
             .map_err(Error::pg(self.ctx("deleting published rows")))?;
         let delete_fut = async {
-            if entry_ids.is_empty() {
+            if entry_ctids.is_empty() {
                 Ok(0)
             } else {
-                tx.execute(&delete, &[&entry_ids]).await
+                client.execute(&delete, &[&entry_ctids]).await
             }
         };
         let (deleted, results) = tokio::join!(delete_fut, publish::publish(&mut conn, &entries));
@@ -341,7 +573,7 @@ impl Relay {
         deleted.map_err(Error::pg(self.ctx("deleting published rows")))?;
         let mut per_topic: HashMap<&str, u64> = HashMap::new();
         let mut rejected = false;
-        for ((id, topic, _), result) in entry_rows.iter().zip(results) {
+        for ((id, _, topic), result) in entry_rows.iter().zip(results) {
             match result {
                 publish::EntryResult::Published => {
                     *per_topic.entry(topic).or_default() += 1;
@@ -353,7 +585,9 @@ impl Relay {
             }
         }
         if rejected {
-            self.known_streams.clear();
+            if let Ok(mut known) = self.known_streams.lock() {
+                known.clear();
+            }
             // Redis refused an entry the type check let through (the key changed meanwhile):
             // the delete above removed it too. Undo the batch, charge the refused rows, and let
             // the next batch publish the rest again (duplicates on the stream, which the inbox
@@ -361,28 +595,39 @@ impl Relay {
             tx.rollback()
                 .await
                 .map_err(Error::pg(self.ctx("rolling back a batch")))?;
+            let client = self
+                .pool
+                .get()
+                .await
+                .map_err(Error::pool(self.ctx("getting a connection")))?;
             let (failed, quarantined) = self.record_failures(&**client, &failures).await?;
             outcome.failed = failed;
             outcome.quarantined = quarantined;
             self.count_failures(&outcome);
-            return Ok(outcome);
+            return Ok(Finished {
+                outcome,
+                clean: false,
+            });
         }
         if !failures.is_empty() {
-            let (failed, quarantined) = self.record_failures(&*tx, &failures).await?;
+            let (failed, quarantined) = self.record_failures(&***client, &failures).await?;
             outcome.failed = failed;
             outcome.quarantined = quarantined;
         }
-        let published_ids = entry_ids;
+        let published = entry_rows.len();
         tx.commit()
             .await
             .map_err(Error::pg(self.ctx("committing a batch")))?;
-        outcome.published = published_ids.len();
-        if self.known_streams.len() > 10_000 {
-            self.known_streams.clear();
-        }
-        for (key, _) in &entries {
-            if !self.known_streams.contains(key) {
-                self.known_streams.insert(key.clone());
+        let _ = done.send(());
+        outcome.published = published;
+        if let Ok(mut known) = self.known_streams.lock() {
+            if known.len() > 10_000 {
+                known.clear();
+            }
+            for (key, _) in &entries {
+                if !known.contains(key) {
+                    known.insert(key.clone());
+                }
             }
         }
 
@@ -396,7 +641,7 @@ impl Relay {
         m.relay_batch_seconds
             .with_label_values(&[&self.table])
             .observe(started.elapsed().as_secs_f64());
-        Ok(outcome)
+        Ok(Finished { outcome, clean })
     }
 
     /// Deletes archived rows older than the retention, in batches; returns how many.
@@ -480,12 +725,12 @@ impl Relay {
 
     /// Rows held back by open producer transactions, and the sessions responsible.
     pub async fn held_back(&mut self) -> Result<HeldBack> {
+        let relid = self.relid().await?;
         let client = self
             .pool
             .get()
             .await
             .map_err(Error::pool(self.ctx("getting a connection")))?;
-        let relid = self.relid(&client).await?;
         held_back_with(
             &client,
             &self.sql,
@@ -553,15 +798,19 @@ impl Relay {
                     }
                 }
             }
-            match self.run_batch().await {
-                Ok(outcome) => {
+            let run = match self.relid().await {
+                Ok(relid) => self.pipeline(relid, &shutdown, &mut |_| {}).await,
+                Err(e) => PipelineRun {
+                    error: Some(e),
+                    ..PipelineRun::default()
+                },
+            };
+            match run.error.map_or(Ok(run.outcome), Err) {
+                Ok(_) => {
                     backoff.reset();
-                    if outcome.claimed >= self.config.batch_size as usize && outcome.published > 0 {
-                        continue;
-                    }
                     // Rows there but none publishable: another relay holds the head of
                     // their aggregates; look again shortly rather than at the poll interval.
-                    let wait = if outcome.claimed > 0 && outcome.published == 0 {
+                    let wait = if run.stalled {
                         poll.min(Duration::from_millis(50))
                     } else {
                         poll
@@ -601,7 +850,7 @@ impl Relay {
         &mut self,
         wait_held: Option<Duration>,
         shutdown: &CancellationToken,
-        mut progress: impl FnMut(u64),
+        mut progress: impl FnMut(u64) + Send,
     ) -> Result<DrainSummary> {
         let started = Instant::now();
         let mut summary = DrainSummary::default();
@@ -614,14 +863,28 @@ impl Relay {
             if shutdown.is_cancelled() {
                 break;
             }
-            match self.run_batch().await {
-                Ok(outcome) => {
+            let mut published = summary.published;
+            let run = match self.relid().await {
+                Ok(relid) => {
+                    self.pipeline(relid, shutdown, &mut |o| {
+                        published += o.published as u64;
+                        progress(published);
+                    })
+                    .await
+                }
+                Err(e) => PipelineRun {
+                    error: Some(e),
+                    ..PipelineRun::default()
+                },
+            };
+            let outcome = run.outcome;
+            summary.published += outcome.published as u64;
+            summary.failed += outcome.failed as u64;
+            summary.quarantined += outcome.quarantined as u64;
+            match run.error.map_or(Ok(()), Err) {
+                Ok(()) => {
                     backoff.reset();
                     transient_since = None;
-                    summary.published += outcome.published as u64;
-                    summary.failed += outcome.failed as u64;
-                    summary.quarantined += outcome.quarantined as u64;
-                    progress(summary.published);
                     if outcome.published > 0 || outcome.failed > 0 {
                         idle_rounds = 0;
                         continue;
