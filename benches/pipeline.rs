@@ -348,7 +348,12 @@ fn consume_events(orders: u64, events: u64) -> Vec<(String, String, String, Opti
             1 => (TOPIC, Some("shipped".to_string())),
             _ => ("delivery.confirmed", None),
         };
-        (topic.to_string(), order.clone(), format!("{order}-step{step}"), status)
+        (
+            topic.to_string(),
+            order.clone(),
+            format!("{order}-step{step}"),
+            status,
+        )
     };
     for first in (0..orders).step_by(block as usize) {
         let members = first..(first + block).min(orders);

@@ -376,6 +376,10 @@ impl Relay {
                 clean: true,
             });
         }
+        // Each column read once (a text column is checked for UTF-8 on every read), and every
+        // envelope built before the wait below: most claimed rows are published.
+        let claimed_rows: Vec<OutboxRow<'_>> = rows.iter().map(OutboxRow::from_claim).collect();
+        let prepared = self.prepare(&claimed_rows);
         if let Some(after) = after {
             let waiting = Instant::now();
             // Sent or dropped, the previous batch's transaction is over or going: either way
@@ -383,8 +387,6 @@ impl Relay {
             let _ = after.await;
             started += waiting.elapsed();
         }
-        // Each column read once (a text column is checked for UTF-8 on every read).
-        let claimed_rows: Vec<OutboxRow<'_>> = rows.iter().map(OutboxRow::from_claim).collect();
         let ids: Vec<i64> = claimed_rows.iter().map(|r| r.id).collect();
         let aggregates: Vec<&str> = claimed_rows.iter().map(|r| r.aggregate_id).collect();
         // Both checks run in statements of their own, so with snapshots taken after the
@@ -443,30 +445,12 @@ impl Relay {
         };
         let clean = outside == 0;
 
-        // Stream keys: one per topic, or per partition of a partitioned topic.
-        let mut topic_keys: Vec<(&str, String)> = Vec::new();
-        let row_keys: Vec<String> = claimed_rows
-            .iter()
-            .map(|r| {
-                if self.redis.is_partitioned(r.topic) {
-                    return self.redis.stream_key_for(r.topic, r.aggregate_id);
-                }
-                match topic_keys.iter().find(|(t, _)| *t == r.topic) {
-                    Some((_, key)) => key.clone(),
-                    None => {
-                        let key = self.redis.stream_key(r.topic);
-                        topic_keys.push((r.topic, key.clone()));
-                        key
-                    }
-                }
-            })
-            .collect();
         let mut conn = self.redis.commands();
-        let mut unknown_keys: Vec<&str> = row_keys
+        let mut unknown_keys: Vec<&str> = prepared
             .iter()
             .zip(&publishable)
-            .filter(|(_, p)| **p)
-            .map(|(k, _)| k.as_str())
+            .filter(|(_, head)| **head)
+            .filter_map(|(p, _)| p.as_ref().ok().map(|(key, _)| key.as_str()))
             .collect();
         unknown_keys.sort_unstable();
         unknown_keys.dedup();
@@ -477,74 +461,35 @@ impl Relay {
             .await?
             .into_iter()
             .collect();
-        let mut topic_errors: Vec<(&str, Option<String>)> = Vec::new();
 
-        // Build the entries in id order. A row that fails locally (too large, unusable topic)
-        // stops the rest of its aggregate in this batch, so nothing overtakes it.
+        // The entries in id order. A row that fails (too large, unusable topic, a key that
+        // holds no stream) stops the rest of its aggregate in this batch, so nothing
+        // overtakes it.
         let mut entries: Vec<(String, Vec<u8>)> = Vec::with_capacity(claimed_rows.len());
         let mut entry_rows: Vec<(i64, &str, &str)> = Vec::with_capacity(claimed_rows.len());
         let mut failures: Vec<(i64, String)> = Vec::new();
         let mut stopped: HashSet<&str> = HashSet::new();
-        let mut time_buf = String::with_capacity(32);
-        let mut uuid_buf = uuid::Uuid::encode_buffer();
-        for ((row, key), head) in claimed_rows.iter().zip(row_keys).zip(&publishable) {
+        for ((row, prepared), head) in claimed_rows.iter().zip(prepared).zip(&publishable) {
             if !head || (!stopped.is_empty() && stopped.contains(row.aggregate_id)) {
                 continue;
             }
-            let topic_error = match topic_errors.iter().find(|(t, _)| *t == row.topic) {
-                Some((_, e)) => e.clone(),
-                None => {
-                    let e = crate::config::validate_topic("topic", row.topic)
-                        .err()
-                        .map(|e| e.message);
-                    topic_errors.push((row.topic, e.clone()));
-                    e
+            let failure = match prepared {
+                Ok((key, _)) if unusable.contains_key(&key) => Err(format!(
+                    "WRONGTYPE: stream key {key} holds a {}, not a stream",
+                    unusable[&key]
+                )),
+                other => other,
+            };
+            match failure {
+                Ok(entry) => {
+                    entries.push(entry);
+                    entry_rows.push((row.id, row.ctid, row.topic));
                 }
-            };
-            if let Some(e) = topic_error {
-                failures.push((row.id, format!("unusable topic: {e}")));
-                stopped.insert(row.aggregate_id);
-                continue;
+                Err(reason) => {
+                    failures.push((row.id, reason));
+                    stopped.insert(row.aggregate_id);
+                }
             }
-            if let Some(kind) = unusable.get(&key) {
-                failures.push((
-                    row.id,
-                    format!("WRONGTYPE: stream key {key} holds a {kind}, not a stream"),
-                ));
-                stopped.insert(row.aggregate_id);
-                continue;
-            }
-            let created_epoch = match row.created_at.duration_since(std::time::UNIX_EPOCH) {
-                Ok(after) => after.as_secs_f64(),
-                Err(before) => -before.duration().as_secs_f64(),
-            };
-            crate::envelope::format_rfc3339_micros(created_epoch, &mut time_buf);
-            let mut envelope = Vec::with_capacity(row.payload.len() + 256);
-            let len = encode_into(
-                &Outgoing {
-                    event_id: row.event_id.hyphenated().encode_lower(&mut uuid_buf),
-                    source: &self.source,
-                    topic: row.topic,
-                    aggregate_id: row.aggregate_id,
-                    time: &time_buf,
-                    payload_json: row.payload,
-                    traceparent: row.traceparent,
-                },
-                &mut envelope,
-            );
-            if len > self.config.max_entry_bytes {
-                failures.push((
-                    row.id,
-                    format!(
-                        "envelope is {len} bytes, over max_entry_bytes = {}",
-                        self.config.max_entry_bytes
-                    ),
-                ));
-                stopped.insert(row.aggregate_id);
-                continue;
-            }
-            entries.push((key, envelope));
-            entry_rows.push((row.id, row.ctid, row.topic));
         }
 
         // The delete runs while Redis takes the entries: it is undone by the rollback if
@@ -642,6 +587,59 @@ impl Relay {
             .with_label_values(&[&self.table])
             .observe(started.elapsed().as_secs_f64());
         Ok(Finished { outcome, clean })
+    }
+
+    /// Each claimed row's stream key and CloudEvents envelope, or why it cannot be
+    /// published (a topic that is no usable stream name, an envelope over `max_entry_bytes`).
+    fn prepare(&self, rows: &[OutboxRow<'_>]) -> Vec<Result<(String, Vec<u8>), String>> {
+        // per topic: its stream key (unpartitioned) or its problem
+        let mut topics: Vec<(&str, Result<String, String>)> = Vec::new();
+        let mut time_buf = String::with_capacity(32);
+        let mut uuid_buf = uuid::Uuid::encode_buffer();
+        rows.iter()
+            .map(|row| {
+                let topic = match topics.iter().find(|(t, _)| *t == row.topic) {
+                    Some((_, checked)) => checked.clone(),
+                    None => {
+                        let checked = crate::config::validate_topic("topic", row.topic)
+                            .map(|()| self.redis.stream_key(row.topic))
+                            .map_err(|e| format!("unusable topic: {}", e.message));
+                        topics.push((row.topic, checked.clone()));
+                        checked
+                    }
+                };
+                let key = if self.redis.is_partitioned(row.topic) {
+                    topic.map(|_| self.redis.stream_key_for(row.topic, row.aggregate_id))
+                } else {
+                    topic
+                }?;
+                let created_epoch = match row.created_at.duration_since(std::time::UNIX_EPOCH) {
+                    Ok(after) => after.as_secs_f64(),
+                    Err(before) => -before.duration().as_secs_f64(),
+                };
+                crate::envelope::format_rfc3339_micros(created_epoch, &mut time_buf);
+                let mut envelope = Vec::with_capacity(row.payload.len() + 256);
+                let len = encode_into(
+                    &Outgoing {
+                        event_id: row.event_id.hyphenated().encode_lower(&mut uuid_buf),
+                        source: &self.source,
+                        topic: row.topic,
+                        aggregate_id: row.aggregate_id,
+                        time: &time_buf,
+                        payload_json: row.payload,
+                        traceparent: row.traceparent,
+                    },
+                    &mut envelope,
+                );
+                if len > self.config.max_entry_bytes {
+                    return Err(format!(
+                        "envelope is {len} bytes, over max_entry_bytes = {}",
+                        self.config.max_entry_bytes
+                    ));
+                }
+                Ok((key, envelope))
+            })
+            .collect()
     }
 
     /// Deletes archived rows older than the retention, in batches; returns how many.
