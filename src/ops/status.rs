@@ -25,12 +25,14 @@ pub struct OutboxStatus {
     pub database: String,
     pub table: String,
     pub backlog_rows: i64,
-    /// True when backlog_rows is PostgreSQL's estimate (outboxes of a million rows or more);
-    /// held_back_rows stops counting at 1,000,000.
+    /// True when backlog_rows is PostgreSQL's estimate (outboxes of a million rows or more).
     pub backlog_estimated: bool,
     pub oldest_age_seconds: Option<f64>,
     pub quarantined_rows: i64,
     pub held_back_rows: i64,
+    /// True when the backlog is larger than the oldest rows searched for held-back rows
+    /// (`HELD_BACK_SCAN`): held_back_rows is then a lower bound.
+    pub held_back_estimated: bool,
     pub blockers: Vec<Blocker>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -49,7 +51,14 @@ pub struct ConsumerStatus {
     pub error: Option<String>,
 }
 
-pub async fn collect(config: &Config, pools: &HashMap<String, Pool>, redis: &Redis) -> Status {
+/// Every figure of `status`; `held_back` says whether to look for held-back rows and their
+/// blockers (the daemon's gauges do not need them).
+pub async fn collect(
+    config: &Config,
+    pools: &HashMap<String, Pool>,
+    redis: &Redis,
+    held_back: bool,
+) -> Status {
     let mut outboxes = Vec::new();
     for mut relay in crate::relay::build_all(config, pools, redis).unwrap_or_default() {
         let (database, table) = (relay_db(&relay), relay_table(&relay));
@@ -61,16 +70,19 @@ pub async fn collect(config: &Config, pools: &HashMap<String, Pool>, redis: &Red
             oldest_age_seconds: None,
             quarantined_rows: 0,
             held_back_rows: 0,
+            held_back_estimated: false,
             blockers: Vec::new(),
             error: None,
         };
-        match outbox_figures(&mut relay).await {
+        match outbox_figures(&mut relay, held_back).await {
             Ok((backlog, held)) => {
                 s.backlog_rows = backlog.rows;
                 s.backlog_estimated = backlog.estimated;
                 s.oldest_age_seconds = backlog.oldest_age_seconds;
                 s.quarantined_rows = backlog.quarantined;
                 s.held_back_rows = held.rows;
+                s.held_back_estimated =
+                    held.rows > 0 && backlog.rows > crate::relay::claim::HELD_BACK_SCAN;
                 s.blockers = held.blockers;
             }
             Err(e) => s.error = Some(crate::error::chain(&e)),
@@ -121,9 +133,14 @@ fn relay_table(relay: &Relay) -> String {
 
 async fn outbox_figures(
     relay: &mut Relay,
+    held_back: bool,
 ) -> Result<(crate::relay::Backlog, crate::relay::HeldBack)> {
     let backlog = relay.backlog().await?;
-    let held = relay.held_back().await?;
+    let held = if held_back {
+        relay.held_back().await?
+    } else {
+        crate::relay::HeldBack::default()
+    };
     Ok((backlog, held))
 }
 
@@ -233,7 +250,7 @@ fn int(v: &Value) -> Option<u64> {
 pub async fn run(config: &Config, json: bool) -> Result<()> {
     let pools = crate::app::pools(config)?;
     let redis = Redis::for_config(config)?;
-    let status = collect(config, &pools, &redis).await;
+    let status = collect(config, &pools, &redis, true).await;
     if json {
         crate::outln!(
             "{}",
@@ -269,7 +286,11 @@ pub async fn run(config: &Config, json: bool) -> Result<()> {
                 .map(|a| format!("{a:.1}"))
                 .unwrap_or_else(|| "-".into()),
             o.quarantined_rows,
-            o.held_back_rows,
+            format!(
+                "{}{}",
+                if o.held_back_estimated { "~" } else { "" },
+                o.held_back_rows
+            ),
             blockers,
             o.error
                 .as_deref()
@@ -319,7 +340,7 @@ pub async fn refresh_gauges_forever(
 ) {
     let m = crate::telemetry::metrics();
     loop {
-        let status = collect(&config, &pools, &redis).await;
+        let status = collect(&config, &pools, &redis, false).await;
         for o in &status.outboxes {
             if o.error.is_none() {
                 m.outbox_backlog_rows

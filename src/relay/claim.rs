@@ -28,6 +28,12 @@ const HELD: &str = "held AS MATERIALIZED (
         OR (l.objsubid = 1 AND l.classid = 0 AND l.objid = $1::oid))
 )";
 
+/// Held-back rows are looked for among this many of the oldest unpublished rows (an index
+/// range), so that `status` costs the same on an outbox of any size; beyond it the count is
+/// a lower bound. Held-back rows wait at the head of their aggregates: in a backlog they are
+/// among the oldest.
+pub const HELD_BACK_SCAN: i64 = 100_000;
+
 #[derive(Debug, Clone)]
 pub struct Statements {
     /// $1 table oid, $2 batch size, $3 lower bound (exclusive) of the ids claimed.
@@ -48,13 +54,16 @@ pub struct Statements {
     pub prune_archive: String,
     /// $1 ids, $2 errors, $3 max attempts -> (id, quarantined).
     pub record_failures: String,
-    /// $1 table oid -> held-back row count.
-    pub held_back_rows: String,
-    /// $1 table oid -> (pid, transaction age seconds, query) of the sessions holding rows back.
-    pub blockers: String,
+    /// $1 table oid -> (pid, transaction age seconds, query, held-back rows) per session
+    /// holding back rows, the count repeated on each; no row when nothing is held back. Rows
+    /// are looked for among the oldest `HELD_BACK_SCAN` unpublished rows, and not at all
+    /// while no producer transaction is open on the table.
+    pub held_back: String,
     /// $1 exact-count threshold, $2 table name -> (backlog rows, estimated?, quarantined rows,
     /// oldest age seconds). Cheap on any size: the backlog is counted exactly below the
-    /// threshold and taken from the planner's estimate above it; quarantined rows come from
+    /// threshold and above it taken from the statistics' live-tuple count (kept current by
+    /// every insert and delete, unlike `reltuples`, which waits for the next VACUUM or
+    /// ANALYZE and so would show a drained outbox as still full); quarantined rows come from
     /// their partial index; the oldest row is the first by id (ids follow insertion order).
     pub backlog: String,
 }
@@ -116,33 +125,32 @@ FROM unnest($1::bigint[], $2::text[]) AS f(id, err)
 WHERE o.id = f.id
 RETURNING o.id, o.quarantined_at IS NOT NULL"
             ),
-            held_back_rows: format!(
-                "WITH {HELD}
-SELECT count(*) FROM (SELECT 1 FROM {quoted} o
-WHERE o.quarantined_at IS NULL
-  AND EXISTS (SELECT 1 FROM held h
-              WHERE h.objsubid = 1 OR (h.objsubid = 2 AND h.objid = hashtext(o.aggregate_id)::oid))
-  LIMIT 1000000) held_rows"
-            ),
-            blockers: format!(
-                "WITH {HELD}
-SELECT DISTINCT h.pid,
-       coalesce(extract(epoch FROM now() - a.xact_start)::float8, 0),
-       coalesce(left(a.query, 500), '')
-FROM held h
-LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = h.pid
-WHERE h.objsubid = 1
-   OR EXISTS (SELECT 1 FROM {quoted} o
-              WHERE o.quarantined_at IS NULL AND hashtext(o.aggregate_id)::oid = h.objid)
+            held_back: format!(
+                "WITH {HELD},
+hit AS MATERIALIZED (
+    SELECT s.hash FROM (
+        SELECT hashtext(o.aggregate_id)::oid AS hash FROM {quoted} o
+        WHERE EXISTS (SELECT 1 FROM held) AND o.quarantined_at IS NULL
+        ORDER BY o.id LIMIT {HELD_BACK_SCAN}) s
+    WHERE EXISTS (SELECT 1 FROM held h
+                  WHERE h.objsubid = 1 OR (h.objsubid = 2 AND h.objid = s.hash))
+)
+SELECT b.pid, b.age, b.query, (SELECT count(*) FROM hit)
+FROM (SELECT DISTINCT h.pid,
+             coalesce(extract(epoch FROM now() - a.xact_start)::float8, 0) AS age,
+             coalesce(left(a.query, 500), '') AS query
+      FROM held h
+      LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = h.pid
+      WHERE h.objsubid = 1 OR h.objid IN (SELECT hash FROM hit)) b
 ORDER BY 1"
             ),
             backlog: format!(
                 "SELECT
-    CASE WHEN c.reltuples < $1 THEN (SELECT count(*) FROM {quoted}) ELSE c.reltuples::bigint END,
-    c.reltuples >= $1,
+    CASE WHEN s.live < $1 THEN (SELECT count(*) FROM {quoted}) ELSE s.live END,
+    s.live >= $1,
     (SELECT count(*) FROM {quoted} WHERE quarantined_at IS NOT NULL),
     (SELECT extract(epoch FROM now() - created_at)::float8 FROM {quoted} ORDER BY id LIMIT 1)
-FROM pg_catalog.pg_class c WHERE c.oid = to_regclass($2)"
+FROM (SELECT pg_catalog.pg_stat_get_live_tuples(to_regclass($2)) AS live) s"
             ),
         }
     }

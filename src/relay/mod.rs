@@ -27,8 +27,8 @@ use tokio_util::sync::CancellationToken;
 /// probing per aggregate.
 const SMALL_GAP_ROWS: i64 = 20_000;
 
-/// Below this many rows (by the planner's estimate) the backlog is counted exactly.
-const EXACT_COUNT_BELOW: f32 = 1_000_000.0;
+/// Below this many rows (by the statistics' live-tuple count) the backlog is counted exactly.
+const EXACT_COUNT_BELOW: i64 = 1_000_000;
 
 /// What one batch did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -951,26 +951,21 @@ pub async fn held_back_with(
     relid: u32,
     ctx: &str,
 ) -> Result<HeldBack> {
-    let rows: i64 = client
-        .query_one(&sql.held_back_rows, &[&relid])
+    let rows = client
+        .query(&sql.held_back, &[&relid])
         .await
-        .map_err(Error::pg(ctx))?
-        .get(0);
-    if rows == 0 {
-        return Ok(HeldBack::default());
-    }
-    let blockers = client
-        .query(&sql.blockers, &[&relid])
-        .await
-        .map_err(Error::pg(ctx))?
-        .iter()
-        .map(|r| Blocker {
-            pid: r.get(0),
-            xact_age_seconds: r.get(1),
-            query: r.get(2),
-        })
-        .collect();
-    Ok(HeldBack { rows, blockers })
+        .map_err(Error::pg(ctx))?;
+    Ok(HeldBack {
+        rows: rows.first().map_or(0, |r| r.get(3)),
+        blockers: rows
+            .iter()
+            .map(|r| Blocker {
+                pid: r.get(0),
+                xact_age_seconds: r.get(1),
+                query: r.get(2),
+            })
+            .collect(),
+    })
 }
 
 /// Keeps a dedicated connection LISTENing on the table's channel and wakes the relay on each
