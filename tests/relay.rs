@@ -998,3 +998,43 @@ async fn sigterm_mid_drain_commits_the_batches_in_hand_and_exits_0() {
         "no duplicates"
     );
 }
+
+/// Per-aggregate order rests on ids following the order they are handed out in; a sequence
+/// that caches ids per session breaks that. The relay refuses to run on one, and says how to
+/// fix it.
+#[tokio::test]
+async fn a_sequence_that_caches_ids_is_refused_with_the_fix() {
+    let (db, _streams, cfg) = migrated("seqcache").await;
+    let client = db.client().await;
+    client
+        .batch_execute("INSERT INTO outbox (topic, aggregate_id, payload) VALUES ('t', 'a', '{}')")
+        .await
+        .unwrap();
+    let sequence: String = client
+        .query_one("SELECT pg_get_serial_sequence('outbox', 'id')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    client
+        .batch_execute(&format!("ALTER SEQUENCE {sequence} CACHE 20"))
+        .await
+        .unwrap();
+    let (code, _, err) = run_bin(&["--config", cfg.to_str().unwrap(), "relay", "--once"], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("caches 20 ids") && err.contains("CACHE 1"),
+        "{err}"
+    );
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM outbox").await,
+        1,
+        "nothing published"
+    );
+    client
+        .batch_execute(&format!("ALTER SEQUENCE {sequence} CACHE 1"))
+        .await
+        .unwrap();
+    let (code, _, err) = run_bin(&["--config", cfg.to_str().unwrap(), "relay", "--once"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(count(&client, "SELECT count(*) FROM outbox").await, 0);
+}

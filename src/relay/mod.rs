@@ -210,6 +210,26 @@ impl Relay {
                 self.database
             ))
         })?;
+        // Commit-order safety rests on ids following the order in which they are handed out
+        // (see 0001_outbox.sql): a sequence that caches ids per session breaks that, silently.
+        let cached = client
+            .query_opt(
+                "SELECT s.seqrelid::regclass::text, s.seqcache FROM pg_catalog.pg_sequence s
+                 WHERE s.seqrelid = pg_catalog.pg_get_serial_sequence($1, 'id')::regclass",
+                &[&quote_qualified(&self.table)],
+            )
+            .await
+            .map_err(Error::pg(self.ctx("checking the id sequence")))?;
+        if let Some(row) = cached {
+            let (sequence, cache): (String, i64) = (row.get(0), row.get(1));
+            if cache > 1 {
+                return Err(Error::Other(format!(
+                    "{}: sequence {sequence} of table {} caches {cache} ids per session, so ids                      no longer follow the order they are handed out in and per-aggregate order                      cannot be kept; run ALTER SEQUENCE {sequence} CACHE 1",
+                    self.ctx("startup"),
+                    self.table
+                )));
+            }
+        }
         self.relid = Some(relid);
         Ok(relid)
     }
