@@ -136,6 +136,15 @@ impl OpenTransaction {
         self.end("ROLLBACK").await
     }
 
+    /// Rolls back and keeps the connection for statements of its own (it goes back to the
+    /// pool when the caller drops it), so that no other pool user can take it in between.
+    pub async fn rollback_and_keep(
+        mut self,
+    ) -> Result<deadpool_postgres::Object, tokio_postgres::Error> {
+        self.client().batch_execute("ROLLBACK").await?;
+        Ok(self.client.take().unwrap_or_else(|| unreachable!()))
+    }
+
     /// Ends the transaction; the connection goes back to the pool only if that worked.
     async fn end(mut self, statement: &str) -> Result<(), tokio_postgres::Error> {
         self.client().batch_execute(statement).await?;

@@ -810,7 +810,13 @@ async fn a_known_stream_replaced_by_another_type_is_caught_and_retried() {
     // the relay skips the type check for keys it has published to; if such a key is later
     // replaced by another type, Redis's refusal undoes the batch and the check comes back
     let (db, streams, cfg) = migrated("retyped").await;
-    let mut relay = relay_from(&std::fs::read_to_string(&cfg).unwrap());
+    // with a pool of one connection, so that the refused batch's bookkeeping must reuse the
+    // connection it rolled back on
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("[databases.main]\n", "[databases.main]\npool_size = 1\n");
+    assert!(text.contains("pool_size = 1"));
+    let mut relay = relay_from(&text);
     let client = db.client().await;
     insert_rows(&client, "t", 3, 3).await;
     assert_eq!(relay.run_batch().await.unwrap().published, 3);

@@ -557,14 +557,12 @@ impl Relay {
             // the delete above removed it too. Undo the batch, charge the refused rows, and let
             // the next batch publish the rest again (duplicates on the stream, which the inbox
             // absorbs).
-            tx.rollback()
+            // On the same connection: handing it back to the pool in between could let the
+            // next batch take it and then wait for this one, with a pool of one.
+            let client = tx
+                .rollback_and_keep()
                 .await
                 .map_err(Error::pg(self.ctx("rolling back a batch")))?;
-            let client = self
-                .pool
-                .get()
-                .await
-                .map_err(Error::pool(self.ctx("getting a connection")))?;
             let (failed, quarantined) = self.record_failures(&**client, &failures).await?;
             outcome.failed = failed;
             outcome.quarantined = quarantined;
