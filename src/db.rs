@@ -196,6 +196,12 @@ pub fn is_transient(err: &tokio_postgres::Error) -> bool {
     if err.is_closed() {
         return true;
     }
+    // tokio-postgres has no public kind for a connection string it cannot use as it is (a
+    // server asking for a password the URL does not have, say); its message is stable, and
+    // retrying cannot cure it.
+    if err.code().is_none() && err.to_string().starts_with("invalid configuration") {
+        return false;
+    }
     match err.code() {
         None => true, // I/O, timeouts, protocol: the connection, not the statement
         Some(code) => is_transient_state(code),

@@ -9,8 +9,12 @@ use common::*;
 
 const FSC: &str = "fulfillment.status_changed";
 
+/// The roles get a password, so that the test holds whatever the server's authentication
+/// (trust or password) for local TCP connections.
+const PASSWORD: &str = "least-privilege-test";
+
 fn as_role(url: &str, role: &str) -> String {
-    url.replacen("://root@", &format!("://{role}@"), 1)
+    url.replacen("://root@", &format!("://{role}:{PASSWORD}@"), 1)
 }
 
 #[tokio::test]
@@ -40,6 +44,12 @@ async fn relay_and_consumer_run_with_only_the_documented_grants() {
     let orders = odb.client().await;
     fulfil.batch_execute(&grants).await.unwrap();
     orders.batch_execute(&grants).await.unwrap();
+    for role in [&relay_role, &consumer_role] {
+        fulfil
+            .batch_execute(&format!("ALTER ROLE \"{role}\" PASSWORD '{PASSWORD}'"))
+            .await
+            .unwrap();
+    }
 
     let text = format!(
         r#"

@@ -550,6 +550,26 @@ async fn passwords_never_appear_in_output_logs_or_status() {
     }
 }
 
+/// A server that wants a password the URL does not carry: no retry can cure that, so
+/// `relay --once` fails at once (exit 1, naming it) instead of retrying for a minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_password_fails_at_once_without_retries() {
+    let pki = Pki::new("nopassword");
+    let cert = pki.server("server", "IP:127.0.0.1,DNS:localhost");
+    let pg = tls_pg(&pki, &cert);
+    create_db_and_app_role(&pg, "shop", "the-right-one").await;
+    let streams = TestStreams::new("tls_nopassword");
+    let db_url = format!("postgres://app@127.0.0.1:{}/shop?sslmode=require", pg.port);
+    let cfg = write_config(
+        "tls_nopassword",
+        &config(&db_url, &redis_url(), None, &streams.prefix),
+    );
+    let (code, out, err) = run_with(&cfg, &["relay", "--once"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("password missing"), "{err}");
+    assert!(!err.contains("retrying"), "not retried: {err}");
+}
+
 #[test]
 fn unreadable_ca_files_are_configuration_errors_naming_the_key() {
     let cases = [
