@@ -15,10 +15,14 @@ fn main() -> ExitCode {
         "info"
     };
     init_tracing(cli.log_format, cli.log.as_deref().unwrap_or(default_log));
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = if cli.worker_threads > 1 {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(usize::from(cli.worker_threads));
+        builder
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("outboxd: cannot start the runtime: {e}");

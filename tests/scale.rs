@@ -43,8 +43,16 @@ async fn run_workload(
         .chain(std::iter::repeat_n("consume", consumers))
         .enumerate()
         .map(|(i, cmd)| {
+            // every other process on a multi-thread runtime, the rest on the default one thread
+            let threads = if i % 2 == 0 { "1" } else { "2" };
             spawn_bin(
-                &["--config", cfg.to_str().unwrap(), cmd],
+                &[
+                    "--config",
+                    cfg.to_str().unwrap(),
+                    "--worker-threads",
+                    threads,
+                    cmd,
+                ],
                 &dir.join(format!("{cmd}{i}.log")),
             )
         })
