@@ -1036,3 +1036,45 @@ async fn consume_once_leaves_no_consumer_name_behind() {
         .unwrap();
     assert!(consumers.is_empty(), "{consumers:?}");
 }
+
+/// `--log-format json`: one JSON object a line, and the lines about an event carry its
+/// event ID and aggregate (order) ID as fields, for the log pipeline to search by.
+#[tokio::test]
+async fn json_logs_carry_event_and_aggregate_ids() {
+    let s = setup("jsonlogs", "").await;
+    s.fulfillment("evt-missing-order", "no-such-order", "f1", "picking", None)
+        .await;
+    let cfg = write_config("jsonlogs", &s.cfg_text);
+    let (code, out, err) = run_bin(
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--log-format",
+            "json",
+            "consume",
+            "--once",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("1 dead-lettered"), "{out}");
+    let lines: Vec<serde_json::Value> = err
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let about = |message: &str| {
+        lines
+            .iter()
+            .find(|l| l["fields"]["message"] == message)
+            .unwrap_or_else(|| panic!("no {message:?} line in {err}"))
+            .clone()
+    };
+    for message in [
+        "event failed; it stays pending and is retried",
+        "dead-lettered",
+    ] {
+        let line = about(message);
+        assert_eq!(line["fields"]["event_id"], "evt-missing-order", "{line}");
+        assert_eq!(line["fields"]["aggregate_id"], "no-such-order", "{line}");
+    }
+}

@@ -496,7 +496,8 @@ RETURNING event_id"
                     .consumer_errors
                     .with_label_values(&[&self.config.name, "handler"])
                     .inc();
-                tracing::warn!(consumer = %self.config.name, entry_id = %entry.id, deliveries = n, error = %err, "event failed; it stays pending and is retried");
+                let (event_id, aggregate_id) = ids_of(&work, i);
+                tracing::warn!(consumer = %self.config.name, entry_id = %entry.id, event_id, aggregate_id, deliveries = n, error = %err, "event failed; it stays pending and is retried");
             }
         }
         for (i, reason) in &dead {
@@ -516,7 +517,8 @@ RETURNING event_id"
                 .dead_letters
                 .with_label_values(&[&self.config.name, key])
                 .inc();
-            tracing::error!(consumer = %self.config.name, stream = %key, entry_id = %entry.id, reason, "dead-lettered");
+            let (event_id, aggregate_id) = ids_of(&work, *i);
+            tracing::error!(consumer = %self.config.name, stream = %key, entry_id = %entry.id, event_id, aggregate_id, reason, "dead-lettered");
         }
         tally.dead_lettered = dead.len() as u64;
         tally.skipped = skips.len() as u64;
@@ -803,6 +805,19 @@ RETURNING event_id"
             }
         }
     }
+}
+
+/// The event ID and aggregate ID (the order, for `order_status`) of entry `entry` of a batch,
+/// for the logs; empty where the entry could not be read that far.
+fn ids_of(work: &[Work], entry: usize) -> (&str, &str) {
+    work.iter()
+        .find(|w| w.entry == entry)
+        .map_or(("", ""), |w| {
+            (
+                w.event.event_id.as_str(),
+                w.lock_key.as_deref().unwrap_or(""),
+            )
+        })
 }
 
 fn is_missing_group(e: &Error) -> bool {

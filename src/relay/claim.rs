@@ -52,7 +52,7 @@ pub struct Statements {
     pub delete_to_archive: String,
     /// $1 retention hours, $2 batch -> archive rows pruned.
     pub prune_archive: String,
-    /// $1 ids, $2 errors, $3 max attempts -> (id, quarantined).
+    /// $1 ids, $2 errors, $3 max attempts -> (id, quarantined, event id, aggregate id).
     pub record_failures: String,
     /// $1 table oid -> (pid, transaction age seconds, query, held-back rows) per session
     /// holding back rows, the count repeated on each; no row when nothing is held back. Rows
@@ -123,7 +123,7 @@ SET attempts = o.attempts + 1,
     quarantined_at = CASE WHEN o.attempts + 1 >= $3 THEN now() END
 FROM unnest($1::bigint[], $2::text[]) AS f(id, err)
 WHERE o.id = f.id
-RETURNING o.id, o.quarantined_at IS NOT NULL"
+RETURNING o.id, o.quarantined_at IS NOT NULL, o.event_id::text, o.aggregate_id"
             ),
             held_back: format!(
                 "WITH {HELD},

@@ -715,11 +715,12 @@ impl Relay {
                 .find(|f| f.0 == id)
                 .map(|f| f.1.as_str())
                 .unwrap_or("");
+            let (event_id, aggregate_id): (&str, &str) = (row.get(2), row.get(3));
             if row.get::<_, bool>(1) {
                 quarantined += 1;
-                tracing::error!(table = %self.table, row_id = id, error, "outbox row quarantined after max_attempts; `outboxd dlq list` shows it, `outboxd dlq retry` releases it");
+                tracing::error!(table = %self.table, row_id = id, event_id, aggregate_id, error, "outbox row quarantined after max_attempts; `outboxd dlq list` shows it, `outboxd dlq retry` releases it");
             } else {
-                tracing::warn!(table = %self.table, row_id = id, error, "Redis rejected an outbox row; will retry");
+                tracing::warn!(table = %self.table, row_id = id, event_id, aggregate_id, error, "Redis rejected an outbox row; will retry");
             }
         }
         Ok((failures.len(), quarantined))
