@@ -604,7 +604,12 @@ impl Relay {
         m.relay_batch_seconds
             .with_label_values(&[&self.table])
             .observe(started.elapsed().as_secs_f64());
-        Ok(Finished { outcome, clean })
+        // Rows left behind for a retry are rows at or below the batch's last id: the next
+        // claim must not start after them.
+        Ok(Finished {
+            outcome,
+            clean: clean && outcome.failed == 0,
+        })
     }
 
     /// Each claimed row's stream key and CloudEvents envelope, or why it cannot be
