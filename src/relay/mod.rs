@@ -385,9 +385,11 @@ impl Relay {
             claimed: rows.len(),
             ..BatchOutcome::default()
         };
+        // the claim is in id order: its last row has the highest id
+        let last_id = rows.last().map_or(0, |r| r.get::<_, i64>(0));
         let _ = claimed.send(Claimed {
             full: rows.len() >= self.config.batch_size as usize,
-            last_id: rows.last().map_or(0, |r| r.get::<_, i64>(0)),
+            last_id,
         });
         if rows.is_empty() {
             tx.rollback().await.map_err(Error::pg(ctx_claim))?;
@@ -411,7 +413,6 @@ impl Relay {
         let aggregates: Vec<&str> = claimed_rows.iter().map(|r| r.aggregate_id).collect();
         // Both checks run in statements of their own, so with snapshots taken after the
         // claim's read of pg_locks (see claim.rs).
-        let last_id = ids.iter().copied().max().unwrap_or(0);
         let up_to = client
             .prepare_cached(&self.sql.rows_up_to)
             .await
@@ -493,13 +494,12 @@ impl Relay {
             if !head || (!stopped.is_empty() && stopped.contains(row.aggregate_id)) {
                 continue;
             }
-            let failure = match prepared {
-                Ok((key, _)) if unusable.contains_key(&key) => Err(format!(
-                    "WRONGTYPE: stream key {key} holds a {}, not a stream",
-                    unusable[&key]
+            let failure = prepared.and_then(|(key, envelope)| match unusable.get(&key) {
+                Some(kind) => Err(format!(
+                    "WRONGTYPE: stream key {key} holds a {kind}, not a stream"
                 )),
-                other => other,
-            };
+                None => Ok((key, envelope)),
+            });
             match failure {
                 Ok(entry) => {
                     entries.push(entry);
