@@ -320,18 +320,8 @@ async fn sigkill_mid_batch_loses_nothing_and_keeps_order() {
             &dir.join(format!("r{round}.log")),
         );
         let target = (round + 1) * 3_000;
-        wait_until("some rows published", Duration::from_secs(60), || {
-            let key = streams.key(TOPIC);
-            let streams = &streams;
-            async move {
-                let mut conn = streams.conn().await;
-                let len: i64 = redis::cmd("XLEN")
-                    .arg(&key)
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap_or(0);
-                len >= target
-            }
+        wait_until("some rows published", Duration::from_secs(60), || async {
+            streams.len(TOPIC).await >= target
         })
         .await;
         sigkill(&mut relay);
@@ -964,15 +954,7 @@ async fn sigterm_mid_drain_commits_the_batches_in_hand_and_exits_0() {
     wait_until(
         "the drain is under way",
         Duration::from_secs(60),
-        || async {
-            let mut conn = streams.conn().await;
-            let len: i64 = redis::cmd("XLEN")
-                .arg(streams.key(TOPIC))
-                .query_async(&mut conn)
-                .await
-                .unwrap_or(0);
-            len >= 4_000
-        },
+        || async { streams.len(TOPIC).await >= 4_000 },
     )
     .await;
     sigterm(&relay);

@@ -129,6 +129,17 @@ impl TestStreams {
             .expect("redis connection")
     }
 
+    /// The number of entries on the stream of `topic` (0 while it does not exist or Redis
+    /// is away).
+    pub async fn len(&self, topic: &str) -> i64 {
+        let mut conn = self.conn().await;
+        redis::cmd("XLEN")
+            .arg(self.key(topic))
+            .query_async(&mut conn)
+            .await
+            .unwrap_or(0)
+    }
+
     /// Every entry of a stream: (entry id, data field parsed as JSON).
     pub async fn entries(&self, topic: &str) -> Vec<(String, serde_json::Value)> {
         let mut conn = self.conn().await;
