@@ -172,10 +172,14 @@ listen = ""
         )
     }
 
+    /// A connection whose response timeout fits a loaded machine (redis-rs's default of
+    /// 500 ms is too short for a large reply on two busy cores).
     async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        let config =
+            redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(30)));
         redis::Client::open(redis_url())
             .unwrap()
-            .get_multiplexed_async_connection()
+            .get_multiplexed_async_connection_with_config(&config)
             .await
             .unwrap()
     }

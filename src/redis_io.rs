@@ -378,6 +378,15 @@ pub fn partition_of(aggregate_id: &str, partitions: u32) -> u32 {
     (h % u64::from(partitions.max(1))) as u32
 }
 
+/// A reply's text, for the replies that are strings (bulk or simple) of valid UTF-8.
+pub fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
 /// Worth retrying after a backoff: the connection (not a server certificate that fails the
 /// TLS check) or a server state that passes (loading,
 /// read-only replica during failover, cluster reconfiguring, out of memory until trimmed).

@@ -117,8 +117,10 @@ async fn faults_lose_nothing_and_double_nothing() {
         for p in &mut procs {
             p.assert_running();
         }
+        // 40% process kills, 40% Redis kills (restarts are where per-aggregate order broke,
+        // issue #17), 10% each terminated backends and PostgreSQL crashes
         match rng.below(10) {
-            0..=4 => {
+            0..=3 => {
                 let i = rng.below(procs.len() as u64) as usize;
                 sigkill(&mut procs[i].child);
                 if i < 2 {
@@ -132,7 +134,7 @@ async fn faults_lose_nothing_and_double_nothing() {
                 }
                 procs[i].restart();
             }
-            5..=6 => {
+            4 => {
                 let admin = pg_connect(&pg.url("postgres")).await;
                 let n = admin
                     .query(
@@ -145,9 +147,9 @@ async fn faults_lose_nothing_and_double_nothing() {
                     .len();
                 faults.backend_terminations += n as u32;
             }
-            7..=8 => {
+            5..=8 => {
                 redis.kill();
-                tokio::time::sleep(Duration::from_millis(rng.below(1000))).await;
+                tokio::time::sleep(Duration::from_millis(200 + rng.below(1300))).await;
                 redis.restart();
                 faults.redis_restarts += 1;
             }
@@ -181,7 +183,7 @@ async fn faults_lose_nothing_and_double_nothing() {
         "fault suite: {seconds} s of faults, {} events ({} orders, {} transitions), {} stream \
          duplicates; faults: {} relay SIGKILLs, {} consumer SIGKILLs, {} backends terminated, \
          {} Redis restarts, {} PostgreSQL crash restarts; settled in {settled:.1} s; exactly \
-         once: ok",
+         once: ok; out-of-order entries: {}",
         verdict.events,
         verdict.orders,
         verdict.transitions,
@@ -191,5 +193,6 @@ async fn faults_lose_nothing_and_double_nothing() {
         faults.backend_terminations,
         faults.redis_restarts,
         faults.postgres_crashes,
+        verdict.out_of_order,
     );
 }

@@ -1026,3 +1026,55 @@ async fn a_sequence_that_caches_ids_is_refused_with_the_fix() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(count(&client, "SELECT count(*) FROM outbox").await, 0);
 }
+
+/// Issue #17: a batch's entries of one stream key used to go out as separate pipelined
+/// `XADD`s, which Redis answers one by one. An early one refused for a passing reason (here
+/// the key briefly holding another type; after a restart, `LOADING` while Redis reads its
+/// AOF) while a later one of the same aggregate lands put the later event on the stream
+/// first. The proxy makes that interleaving happen on purpose: it holds the relay's publish
+/// write, lets its first command through while the key is a string, and the rest once it is
+/// free again. Judged by first occurrences, as a deduplicating consumer applies them.
+#[tokio::test]
+async fn an_entry_refused_mid_batch_is_never_overtaken_by_a_later_one_of_its_aggregate() {
+    let (db, streams, cfg) = migrated("overtake").await;
+    let proxy = proxy::FaultProxy::start(redis_port());
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(&redis_url(), &proxy.redis_url());
+    let cfg = write_config("overtake", &text);
+    let client = db.client().await;
+    // 12 rows of 3 aggregates, all on one stream key
+    insert_rows(&client, "t", 12, 3).await;
+
+    // the type check's write is small; the publish write carries 12 envelopes
+    proxy.hold_next_write(2000);
+    let args = ["--config", cfg.to_str().unwrap(), "relay", "--once"];
+    let relay = std::thread::spawn({
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run_bin(&args, &[])
+        }
+    });
+    proxy.wait_held(Duration::from_secs(60));
+    let mut conn = streams.conn().await;
+    let _: () = redis::cmd("SET")
+        .arg(streams.key("t"))
+        .arg("briefly not a stream")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    proxy.pass_one_command(Duration::from_secs(30));
+    let _: () = redis::cmd("DEL")
+        .arg(streams.key("t"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    proxy.thaw();
+    let (code, out, err) = relay.join().unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+
+    assert_eq!(count(&client, "SELECT count(*) FROM outbox").await, 0);
+    // every row published, each aggregate's first occurrences in outbox order
+    check_stream(&streams.entries("t").await, 12);
+}

@@ -4,6 +4,7 @@
 //! deleted from the stream while pending (their fields come back nil) are seen, not dropped.
 
 use crate::error::{Error, Result};
+use crate::redis_io::text;
 use redis::aio::ConnectionLike;
 use redis::Value;
 use std::collections::HashMap;
@@ -269,14 +270,6 @@ fn bytes(v: Value) -> Vec<u8> {
         Value::SimpleString(s) => s.into_bytes(),
         Value::Int(n) => n.to_string().into_bytes(),
         _ => Vec::new(),
-    }
-}
-
-pub fn text(v: &Value) -> Option<String> {
-    match v {
-        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
-        Value::SimpleString(s) => Some(s.clone()),
-        _ => None,
     }
 }
 

@@ -100,10 +100,9 @@ pub async fn dead_letters(
         };
         for entry in entries {
             let Value::Array(parts) = entry else { continue };
-            let (Some(id), Some(Value::Array(flat))) = (
-                parts.first().and_then(crate::inbox::read::text),
-                parts.get(1),
-            ) else {
+            let (Some(id), Some(Value::Array(flat))) =
+                (parts.first().and_then(crate::redis_io::text), parts.get(1))
+            else {
                 continue;
             };
             let mut fields = Vec::new();

@@ -185,7 +185,7 @@ async fn stream_figures(
             let fields = fields_of(g);
             if fields
                 .get("name")
-                .and_then(crate::inbox::read::text)
+                .and_then(crate::redis_io::text)
                 .as_deref()
                 != Some(group)
             {
@@ -223,14 +223,14 @@ pub fn fields_of(v: Value) -> HashMap<String, Value> {
         Value::Array(flat) => {
             let mut it = flat.into_iter();
             while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                if let Some(k) = crate::inbox::read::text(&k) {
+                if let Some(k) = crate::redis_io::text(&k) {
                     out.insert(k, v);
                 }
             }
         }
         Value::Map(pairs) => {
             for (k, v) in pairs {
-                if let Some(k) = crate::inbox::read::text(&k) {
+                if let Some(k) = crate::redis_io::text(&k) {
                     out.insert(k, v);
                 }
             }

@@ -51,12 +51,12 @@ pub async fn safe_trim_point<C: ConnectionLike>(
         let fields = crate::ops::status::fields_of(g);
         let name = fields
             .get("name")
-            .and_then(crate::inbox::read::text)
+            .and_then(crate::redis_io::text)
             .unwrap_or_default();
         let pending = matches!(fields.get("pending"), Some(Value::Int(n)) if *n > 0);
         let last = fields
             .get("last-delivered-id")
-            .and_then(crate::inbox::read::text)
+            .and_then(crate::redis_io::text)
             .and_then(|s| StreamId::parse(&s))
             .unwrap_or(StreamId(0, 0));
         let mut needed = last.next();
@@ -74,7 +74,7 @@ pub async fn safe_trim_point<C: ConnectionLike>(
                 if let Some(Value::Array(row)) = rows.first() {
                     if let Some(id) = row
                         .first()
-                        .and_then(crate::inbox::read::text)
+                        .and_then(crate::redis_io::text)
                         .and_then(|s| StreamId::parse(&s))
                     {
                         needed = needed.min(id);
@@ -116,7 +116,7 @@ pub async fn trim_stream<C: ConnectionLike>(
         if let Value::Array(entries) = newest {
             if entries.len() as u64 >= len.max(1) {
                 let oldest_kept = entries.last().and_then(|e| match e {
-                    Value::Array(p) => p.first().and_then(crate::inbox::read::text),
+                    Value::Array(p) => p.first().and_then(crate::redis_io::text),
                     _ => None,
                 });
                 if let Some(id) = oldest_kept.and_then(|s| StreamId::parse(&s)) {

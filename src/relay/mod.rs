@@ -488,6 +488,7 @@ impl Relay {
         // overtakes it.
         let mut entries: Vec<(String, Vec<u8>)> = Vec::with_capacity(claimed_rows.len());
         let mut entry_rows: Vec<(i64, &str, &str)> = Vec::with_capacity(claimed_rows.len());
+        let mut entry_aggregates: Vec<&str> = Vec::with_capacity(claimed_rows.len());
         let mut failures: Vec<(i64, String)> = Vec::new();
         let mut stopped: HashSet<&str> = HashSet::new();
         for ((row, prepared), head) in claimed_rows.iter().zip(prepared).zip(&publishable) {
@@ -504,6 +505,7 @@ impl Relay {
                 Ok(entry) => {
                     entries.push(entry);
                     entry_rows.push((row.id, row.ctid, row.topic));
+                    entry_aggregates.push(row.aggregate_id);
                 }
                 Err(reason) => {
                     failures.push((row.id, reason));
@@ -533,7 +535,10 @@ impl Relay {
                 client.execute(&delete, &[&entry_ctids]).await
             }
         };
-        let (deleted, results) = tokio::join!(delete_fut, publish::publish(&mut conn, &entries));
+        let (deleted, results) = tokio::join!(
+            delete_fut,
+            publish::publish(&mut conn, &entries, &entry_aggregates)
+        );
         let results = results?;
         deleted.map_err(Error::pg(self.ctx("deleting published rows")))?;
         let mut per_topic: HashMap<&str, u64> = HashMap::new();
@@ -547,6 +552,8 @@ impl Relay {
                     failures.push((*id, e));
                     rejected = true;
                 }
+                // after a rejected entry of its key: stays for the next batch, uncharged
+                publish::EntryResult::NotSent => rejected = true,
             }
         }
         if rejected {
@@ -554,9 +561,9 @@ impl Relay {
                 known.clear();
             }
             // Redis refused an entry the type check let through (the key changed meanwhile):
-            // the delete above removed it too. Undo the batch, charge the refused rows, and let
-            // the next batch publish the rest again (duplicates on the stream, which the inbox
-            // absorbs).
+            // the delete above removed it too, and the rest of its key was not sent. Undo the
+            // batch, charge the refused rows, and let the next batch publish the rest again
+            // (duplicates on the stream, which the inbox absorbs).
             // On the same connection: handing it back to the pool in between could let the
             // next batch take it and then wait for this one, with a pool of one.
             let client = tx

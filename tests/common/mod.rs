@@ -122,9 +122,11 @@ impl TestStreams {
         format!("{}{}", self.prefix, topic)
     }
 
+    /// A connection with a response timeout fit for a loaded CI machine (redis-rs's default
+    /// of 500 ms is not: a debug build decoding a large reply on two busy cores takes longer).
     pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
         self.client()
-            .get_multiplexed_async_connection()
+            .get_multiplexed_async_connection_with_config(&test_redis_config())
             .await
             .expect("redis connection")
     }
@@ -140,27 +142,34 @@ impl TestStreams {
             .unwrap_or(0)
     }
 
-    /// Every entry of a stream: (entry id, data field parsed as JSON).
+    /// Every entry of a stream: (entry id, data field parsed as JSON), read in pages of
+    /// 1,000 so that no reply is large.
     pub async fn entries(&self, topic: &str) -> Vec<(String, serde_json::Value)> {
         let mut conn = self.conn().await;
-        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-            .arg(self.key(topic))
-            .arg("-")
-            .arg("+")
-            .query_async(&mut conn)
-            .await
-            .expect("XRANGE");
-        reply
-            .ids
-            .into_iter()
-            .map(|e| {
+        let mut out = Vec::new();
+        let mut from = "-".to_string();
+        loop {
+            let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+                .arg(self.key(topic))
+                .arg(&from)
+                .arg("+")
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .expect("XRANGE");
+            let Some(last) = reply.ids.last() else {
+                return out;
+            };
+            from = format!("({}", last.id);
+            out.extend(reply.ids.into_iter().map(|e| {
                 let data: Vec<u8> = e.get("data").unwrap_or_default();
                 (
                     e.id,
                     serde_json::from_slice(&data).unwrap_or(serde_json::Value::Null),
                 )
-            })
-            .collect()
+            }));
+        }
     }
 }
 
@@ -185,6 +194,14 @@ impl Drop for TestStreams {
         })
         .join();
     }
+}
+
+/// Connection settings for the tests' own Redis connections: a response timeout fit for a
+/// loaded machine.
+pub fn test_redis_config() -> redis::AsyncConnectionConfig {
+    redis::AsyncConnectionConfig::new()
+        .set_response_timeout(Some(Duration::from_secs(30)))
+        .set_connection_timeout(Some(Duration::from_secs(10)))
 }
 
 /// A Redis client; with `ca_pem`, TLS (`rediss://`) trusting that CA instead of the system's.
@@ -214,8 +231,10 @@ pub fn write_config(tag: &str, toml: &str) -> std::path::PathBuf {
     path
 }
 
-pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_outboxd")
+/// The outboxd binary under test: cargo's build of this tree, or `OUTBOXD_TEST_BIN` (for
+/// example a release build, or an older build to show a test fails without a fix).
+pub fn bin() -> String {
+    std::env::var("OUTBOXD_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_outboxd").to_string())
 }
 
 /// Runs the binary to completion; returns (exit code, stdout, stderr).
@@ -781,4 +800,14 @@ fn wait_for_redis(port: u16) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+pub mod proxy;
+
+/// The port of the test Redis (`OUTBOXD_TEST_REDIS`, default 6379).
+pub fn redis_port() -> u16 {
+    let url = redis_url();
+    url.rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .unwrap_or(6379)
 }
