@@ -84,6 +84,9 @@ async fn faults_lose_nothing_and_double_nothing() {
 
     let pg = PrivatePg::start(&[]);
     let mut redis = PrivateRedis::start();
+    // a few hundred milliseconds of AOF loading after each restart, like a real data set:
+    // the window in which early XADDs of a batch were refused and later ones landed (#17)
+    redis.fill(300_000);
     let setup = Setup {
         fulfillment_url: pg.create_db("fulfillment").await,
         orders_url: pg.create_db("orders").await,

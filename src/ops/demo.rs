@@ -268,6 +268,49 @@ listen = ""
             crate::outln!("  {id:<12} {start} -> {steps}");
         }
     }
+    // An order with several warehouses moves by all of them: its events one by one show the
+    // wait (the first warehouse's `shipped` changes nothing until the second has shipped).
+    let history: std::collections::HashMap<String, String> = orders
+        .query(
+            "SELECT event_id, to_status FROM order_status_history WHERE order_id = 'MULTI-2002'",
+            &[],
+        )
+        .await
+        .map_err(Error::pg("reading MULTI-2002's history"))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let mut shipped: Vec<String> = Vec::new();
+    let mut steps: Vec<String> = Vec::new();
+    for data in field_values_raw(&dup, "data") {
+        let v: serde_json::Value = serde_json::from_slice(data).unwrap_or_default();
+        if v["subject"] != "MULTI-2002" {
+            continue;
+        }
+        let (warehouse, status) = (
+            v["data"]["fulfillment_id"].as_str().unwrap_or_default(),
+            v["data"]["new_status"].as_str().unwrap_or_default(),
+        );
+        if status == "shipped" && !shipped.iter().any(|w| w == warehouse) {
+            shipped.push(warehouse.to_string());
+        }
+        let effect = match history.get(v["id"].as_str().unwrap_or_default()) {
+            Some(to) => format!("order -> {to}"),
+            None if status == "shipped" => {
+                format!("no change: {} of 2 warehouses shipped", shipped.len())
+            }
+            None => "no change".to_string(),
+        };
+        steps.push(format!("{warehouse} {status}: {effect}"));
+    }
+    crate::outln!(
+        "
+MULTI-2002, two warehouses, event by event:"
+    );
+    for step in &steps {
+        crate::outln!("  {step}");
+    }
+
     let dlq: redis::Value = redis::cmd("XRANGE")
         .arg(crate::inbox::dlq::dlq_key(&key))
         .arg("-")
@@ -306,7 +349,18 @@ listen = ""
         t.dead_lettered,
         if ok { "Every order ended where its events say." } else { "Some orders did not end as expected." }
     );
-    crate::outln!("Inspect: psql -d {ORDERS_DB} -c 'table order_status_history'; redis-cli XRANGE {PREFIX}order.status_changed - +");
+    // The same server and role the demo used, over TCP: works for any OS user (a bare
+    // `psql -d` would try the local socket as the OS user, which peer authentication refuses).
+    let inspect_url = db_url(&args.postgres, ORDERS_DB)?;
+    let redis_port = redis_url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse::<u16>().ok())
+        .unwrap_or(6379);
+    crate::outln!(
+        "Inspect: psql '{}' -c 'table order_status_history'; redis-cli -p {redis_port} XRANGE {PREFIX}order.status_changed - +",
+        redact_url(&inspect_url)
+    );
     if ok {
         Ok(())
     } else {

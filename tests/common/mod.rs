@@ -436,6 +436,25 @@ impl PrivateRedis {
         wait_for_redis(self.port);
     }
 
+    /// Writes `keys` small filler keys, so that a restart spends a while loading the AOF
+    /// (answering `LOADING` to commands in between, as a production-sized Redis does).
+    pub fn fill(&self, keys: u32) {
+        let client = redis::Client::open(self.url()).unwrap();
+        let mut conn = client.get_connection().unwrap();
+        let mut done = 0;
+        while done < keys {
+            let n = (keys - done).min(50_000);
+            let _: () = redis::cmd("EVAL")
+                .arg("for i = tonumber(ARGV[1]), tonumber(ARGV[2]) do redis.call('SET', 'filler:' .. i, i) end")
+                .arg(0)
+                .arg(done)
+                .arg(done + n - 1)
+                .query(&mut conn)
+                .unwrap();
+            done += n;
+        }
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
