@@ -37,7 +37,7 @@ pub async fn execute(cli: Cli) -> Result<()> {
         Command::Relay(args) => {
             let shutdown = crate::shutdown::on_signals();
             if args.once {
-                relay_once(&config, args.wait_held, &shutdown).await
+                relay_once(&config, args.wait_held, args.give_up_after, &shutdown).await
             } else {
                 daemon(&config, true, false, shutdown).await
             }
@@ -45,13 +45,24 @@ pub async fn execute(cli: Cli) -> Result<()> {
         Command::Consume(args) => {
             let shutdown = crate::shutdown::on_signals();
             if args.once {
-                crate::inbox::consume_once(&config, &shutdown).await
+                crate::inbox::consume_once(&config, args.give_up_after, &shutdown).await
             } else {
                 daemon(&config, false, true, shutdown).await
             }
         }
         Command::Run => daemon(&config, true, true, crate::shutdown::on_signals()).await,
-        Command::Status(args) => crate::ops::status::run(&config, args.json).await,
+        Command::Status(args) => {
+            // Every query and command in it has its own bound; this one is the backstop.
+            let bound = config.largest_operation_bound() * 3;
+            match tokio::time::timeout(bound, crate::ops::status::run(&config, args.json)).await {
+                Ok(result) => result,
+                Err(_) => Err(Error::Timeout {
+                    server: "PostgreSQL or Redis",
+                    context: "status".into(),
+                    after_ms: bound.as_millis() as u64,
+                }),
+            }
+        }
         Command::Dlq(cmd) => {
             use crate::cli::DlqCommand;
             use crate::ops::dlq::Action;
@@ -120,6 +131,7 @@ pub async fn daemon(
 ) -> Result<()> {
     let pools = pools(config)?;
     let redis = Redis::for_config(config)?;
+    crate::watchdog::set_stuck_after(config.stuck_after());
     let mut loops: Vec<Loop> = Vec::new();
     if relays {
         for relay in crate::relay::build_all(config, &pools, &redis)? {
@@ -236,6 +248,7 @@ pub async fn daemon(
 async fn relay_once(
     config: &Config,
     wait_held: Option<std::time::Duration>,
+    give_up_after: std::time::Duration,
     shutdown: &CancellationToken,
 ) -> Result<()> {
     let pools = pools(config)?;
@@ -246,6 +259,7 @@ async fn relay_once(
     }
     let tty = std::io::stderr().is_terminal();
     for mut relay in relays {
+        relay.set_give_up_after(give_up_after);
         let name = relay.name();
         let mut last = Instant::now();
         let summary = relay

@@ -165,6 +165,10 @@ pub struct RelayArgs {
     /// With --once: wait up to this long (e.g. 30s) for rows held back by open transactions.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg, requires = "once")]
     pub wait_held: Option<std::time::Duration>,
+    /// With --once: retry a server that is away or not answering for up to this long, then
+    /// exit 1 naming it.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg, requires = "once", default_value = "60s")]
+    pub give_up_after: std::time::Duration,
 }
 
 #[derive(Debug, Args)]
@@ -172,6 +176,10 @@ pub struct ConsumeArgs {
     /// Stop when nothing new or pending is left, then exit 0.
     #[arg(long)]
     pub once: bool,
+    /// With --once: retry a server that is away or not answering for up to this long, then
+    /// exit 1 naming it.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg, requires = "once", default_value = "60s")]
+    pub give_up_after: std::time::Duration,
 }
 
 #[derive(Debug, Args)]

@@ -47,6 +47,19 @@ pub struct Config {
     pub topics: Vec<TopicConfig>,
     #[serde(default)]
     pub shutdown: ShutdownConfig,
+    #[serde(default)]
+    pub watchdog: WatchdogConfig,
+}
+
+/// When a loop counts as stuck (see `crate::watchdog`).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct WatchdogConfig {
+    /// A loop in one operation for longer than this fails `/healthz`. Default: three times
+    /// the largest bound an operation has (the query and response timeouts, a blocking
+    /// read's block time plus its margin), so that only a bound that does not hold trips it.
+    #[serde(default)]
+    pub stuck_after_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -94,6 +107,25 @@ pub struct DatabaseConfig {
     /// Connections in this database's pool.
     #[serde(default = "defaults::pool_size")]
     pub pool_size: usize,
+    /// How long one statement (or one relay or consumer transaction's step) may take before
+    /// the connection counts as dead: it is closed, never pooled again, and a new one made.
+    #[serde(default = "defaults::query_timeout_ms")]
+    pub query_timeout_ms: u64,
+}
+
+impl DatabaseConfig {
+    /// A database at `url` with every other setting at its default.
+    pub fn with_url(url: impl Into<String>) -> DatabaseConfig {
+        DatabaseConfig {
+            url: url.into(),
+            pool_size: defaults::pool_size(),
+            query_timeout_ms: defaults::query_timeout_ms(),
+        }
+    }
+
+    pub fn query_timeout(&self) -> Duration {
+        Duration::from_millis(self.query_timeout_ms)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -267,6 +299,9 @@ pub mod defaults {
     pub fn pool_size() -> usize {
         8
     }
+    pub fn query_timeout_ms() -> u64 {
+        5_000
+    }
     pub fn outbox_table() -> String {
         "outbox".into()
     }
@@ -398,13 +433,8 @@ impl Config {
                     }
                 }
                 None => {
-                    self.databases.insert(
-                        lower,
-                        DatabaseConfig {
-                            url: value.clone(),
-                            pool_size: defaults::pool_size(),
-                        },
-                    );
+                    self.databases
+                        .insert(lower, DatabaseConfig::with_url(value.clone()));
                 }
             }
         }
@@ -482,6 +512,7 @@ impl Config {
                     "must be between 1 and 1000",
                 ));
             }
+            positive(&format!("{key}.query_timeout_ms"), db.query_timeout_ms)?;
         }
         for (i, relay) in self.relays.iter().enumerate() {
             let key = format!("relays[{i}]");
@@ -692,6 +723,34 @@ impl Config {
 
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_millis(self.shutdown.timeout_ms)
+    }
+
+    /// The longest any one operation may take before it counts as failed: a statement, a
+    /// Redis command, or a blocking read (its block time plus the margin its connection's
+    /// response timeout adds).
+    pub fn largest_operation_bound(&self) -> Duration {
+        let query = self
+            .databases
+            .values()
+            .map(|d| d.query_timeout_ms)
+            .max()
+            .unwrap_or(0);
+        let read = self
+            .consumers
+            .iter()
+            .map(|c| c.block_ms + crate::redis_io::BLOCKING_READ_MARGIN.as_millis() as u64)
+            .max()
+            .unwrap_or(0);
+        Duration::from_millis(query.max(read).max(self.redis.response_timeout_ms))
+    }
+
+    /// When a loop counts as stuck: `[watchdog] stuck_after_ms`, or three times the largest
+    /// operation bound.
+    pub fn stuck_after(&self) -> Duration {
+        self.watchdog
+            .stuck_after_ms
+            .map(Duration::from_millis)
+            .unwrap_or_else(|| self.largest_operation_bound() * 3)
     }
 }
 

@@ -18,6 +18,8 @@ pub type PgStream = <MakeRustlsConnect as MakeTlsConnect<tokio_postgres::Socket>
 pub struct PgTarget {
     pub config: tokio_postgres::Config,
     pub tls: MakeRustlsConnect,
+    /// The database's `query_timeout_ms`: the bound of one statement or transaction step.
+    pub query_timeout: std::time::Duration,
 }
 
 impl std::fmt::Debug for PgTarget {
@@ -33,18 +35,28 @@ impl std::fmt::Debug for PgTarget {
 /// the server is down; the first use does, and is retried by the caller.
 pub fn pool(name: &str, db: &DatabaseConfig) -> Result<Pool, ConfigError> {
     let target = pg_config(name, db)?;
+    // A pooled connection is checked with an empty query, bounded (by the query timeout, at
+    // most 2 s: an empty query answers in well under a millisecond), each time it is handed
+    // out: one whose peer went silent (its statement timed out, or it idled while a load
+    // balancer dropped its state) is thrown away there, instead of stalling the next user.
+    // One round trip per checkout, which every caller amortises over a batch.
     let manager = Manager::from_config(
         target.config,
         target.tls,
         ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
+            recycling_method: RecyclingMethod::Verified,
         },
     );
     Pool::builder(manager)
         .max_size(db.pool_size)
         .runtime(deadpool_postgres::Runtime::Tokio1)
         .wait_timeout(Some(std::time::Duration::from_secs(30)))
-        .create_timeout(Some(std::time::Duration::from_secs(10)))
+        .create_timeout(Some(
+            db.query_timeout().max(std::time::Duration::from_secs(1)),
+        ))
+        .recycle_timeout(Some(
+            db.query_timeout().min(std::time::Duration::from_secs(2)),
+        ))
         .build()
         .map_err(|e| ConfigError::new(format!("databases.{name}"), e.to_string()))
 }
@@ -75,13 +87,76 @@ pub fn pg_config(name: &str, db: &DatabaseConfig) -> Result<PgTarget, ConfigErro
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(std::time::Duration::from_secs(10));
     }
+    // A peer that vanishes without a word (a failed-over primary's old address, a NAT that
+    // dropped its state) is noticed by the kernel even on an idle connection: keepalive
+    // probes after 10 s of silence, and unacknowledged data given up after the query timeout.
+    // A peer that still acknowledges at TCP level but never answers is the bounded
+    // operations' job (`bounded`), and the pool's check on checkout.
+    config.keepalives(true);
+    config.keepalives_idle(std::time::Duration::from_secs(10));
+    config.keepalives_interval(std::time::Duration::from_secs(5));
+    config.keepalives_retries(2);
+    config.tcp_user_timeout(db.query_timeout());
     let client_config = tls
         .client_config()
         .map_err(|e| ConfigError::new(key.clone(), e))?;
     Ok(PgTarget {
         config,
         tls: MakeRustlsConnect::new(client_config),
+        query_timeout: db.query_timeout(),
     })
+}
+
+/// `operation`, or `Error::Timeout` naming PostgreSQL and `context` when it has not finished
+/// within `limit`. The caller must give up the connection the operation ran on (an
+/// [`OpenTransaction`] does so when dropped; the pool's checkout check catches a pooled
+/// connection handed back).
+pub async fn bounded<T, E>(
+    limit: std::time::Duration,
+    context: &str,
+    operation: impl std::future::Future<Output = Result<T, E>>,
+) -> crate::error::Result<T>
+where
+    E: Into<crate::error::Error>,
+{
+    match tokio::time::timeout(limit, operation).await {
+        Ok(result) => result.map_err(Into::into),
+        Err(_) => Err(crate::error::Error::Timeout {
+            server: "PostgreSQL",
+            context: context.to_string(),
+            after_ms: limit.as_millis() as u64,
+        }),
+    }
+}
+
+/// After an operation on one of its connections ran out of time: closes every idle
+/// connection of the pool. A silent peer (a NAT or load balancer that lost its state, a hung
+/// server) has usually silenced the idle ones too; checking each on checkout would cost a
+/// check timeout apiece, where connecting anew costs one round trip.
+pub fn forget_idle(pool: &Pool) {
+    let removed = pool.retain(|_, _| false).removed.len();
+    tracing::warn!(
+        closed_idle = removed,
+        "a PostgreSQL operation timed out; its connection and the pool's idle ones are given up"
+    );
+    crate::telemetry::metrics()
+        .connections_replaced
+        .with_label_values(&["postgres"])
+        .inc_by(removed as u64 + 1);
+}
+
+/// What a loop does with its pool after a failure: when a PostgreSQL operation ran out of
+/// time, its idle connections go too (see [`forget_idle`]).
+pub fn after_failure(pool: &Pool, error: &crate::error::Error) {
+    if matches!(
+        error,
+        crate::error::Error::Timeout {
+            server: "PostgreSQL",
+            ..
+        }
+    ) {
+        forget_idle(pool);
+    }
 }
 
 /// A dedicated connection (not from the pool), whose `Connection` half the caller drives.

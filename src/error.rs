@@ -25,6 +25,14 @@ pub enum Error {
         #[source]
         source: redis::RedisError,
     },
+    /// A server gave no answer within the operation's bound. The connection it was on is
+    /// given up (never pooled or reused again); retrying gets a new one.
+    #[error("{server} ({context}): no answer within {after_ms} ms; connection given up")]
+    Timeout {
+        server: &'static str,
+        context: String,
+        after_ms: u64,
+    },
     #[error("{0}")]
     Other(String),
 }
@@ -54,6 +62,19 @@ impl Error {
             Error::Postgres { source, .. } => crate::db::is_transient(source),
             Error::Pool { source, .. } => crate::db::pool_error_is_transient(source),
             Error::Redis { source, .. } => crate::redis_io::is_transient(source),
+            Error::Timeout { .. } => true,
+        }
+    }
+
+    /// Whether a server stopped answering (a bounded operation ran out of time).
+    pub fn is_timeout(&self) -> bool {
+        match self {
+            Error::Timeout { .. } => true,
+            Error::Redis { source, .. } => source.is_timeout(),
+            Error::Pool { source, .. } => {
+                matches!(source, deadpool_postgres::PoolError::Timeout(_))
+            }
+            _ => false,
         }
     }
 

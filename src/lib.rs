@@ -17,11 +17,14 @@
 //! - [`migrate`]: embedded migrations from `sql/migrations`.
 //! - [`envelope`]: CloudEvents encode/decode.
 //! - [`relay`]: outbox -> stream.
+//! - [`retry`]: backoff and the `--once` drains' budget for transient failures.
 //! - [`inbox`]: stream -> inbox + effect: reading, applying, dead letters.
 //! - [`handlers`]: what a consumer does with an event (`order_status`, `sql`).
 //! - [`ops`]: the operator commands (`status`, `demo`).
 //! - [`app`]: wiring the commands together.
 //! - [`telemetry`]: metrics and the `/metrics` `/healthz` `/readyz` endpoint.
+//! - [`watchdog`]: when each loop last made progress; stuck (`/healthz`) or backing off
+//!   (`/readyz`).
 
 /// `println!` for the commands' reports, except that a closed stdout (`outboxd status | head`)
 /// ends the process quietly with exit 0, as a reader going away should, instead of panicking.
@@ -49,6 +52,8 @@ pub mod migrate;
 pub mod ops;
 pub mod redis_io;
 pub mod relay;
+pub mod retry;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;
+pub mod watchdog;

@@ -16,6 +16,10 @@ use redis::{AsyncConnectionConfig, Client, Cmd, Pipeline, RedisFuture, RedisResu
 use std::sync::Arc;
 use std::time::Duration;
 
+/// How much longer than its block time a blocking read may take before its connection
+/// counts as dead.
+pub const BLOCKING_READ_MARGIN: Duration = Duration::from_secs(5);
+
 #[derive(Clone)]
 pub struct Redis {
     /// The single server's client (for dedicated connections); `None` on a cluster.
@@ -42,7 +46,7 @@ impl std::fmt::Debug for Redis {
 #[derive(Clone)]
 pub enum Conn {
     /// The shared, self-reconnecting connection of a single server.
-    Managed(ConnectionManager),
+    Managed(Managed),
     /// A connection of its own (blocking reads) to a single server.
     Dedicated(MultiplexedConnection),
     /// The cluster connection (it follows slot moves and reconnects by itself), opened on
@@ -60,36 +64,162 @@ impl std::fmt::Debug for Conn {
     }
 }
 
+/// The redis crate's `ConnectionManager` reconnects after a connection *error*, but a
+/// command that times out leaves it on the same connection, so a peer that went silent with
+/// its socket open (a hung server, a NAT that dropped its state) would time out every
+/// command forever. This one is replaced by a fresh manager, on a new connection, as soon as
+/// a command on it times out; commands already sent on the old one fail by their own
+/// timeout.
+#[derive(Clone)]
+pub struct Managed {
+    inner: Arc<ManagedInner>,
+}
+
+struct ManagedInner {
+    client: Client,
+    config: ConnectionManagerConfig,
+    /// (generation, manager): a timeout replaces only the generation it happened on.
+    current: std::sync::Mutex<(u64, ConnectionManager)>,
+}
+
+impl std::fmt::Debug for Managed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Managed").finish_non_exhaustive()
+    }
+}
+
+impl Managed {
+    fn new(client: Client, config: ConnectionManagerConfig) -> RedisResult<Managed> {
+        let manager = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?;
+        Ok(Managed {
+            inner: Arc::new(ManagedInner {
+                client,
+                config,
+                current: std::sync::Mutex::new((0, manager)),
+            }),
+        })
+    }
+
+    fn get(&self) -> (u64, ConnectionManager) {
+        match self.inner.current.lock() {
+            Ok(current) => (current.0, current.1.clone()),
+            Err(poisoned) => {
+                let current = poisoned.into_inner();
+                (current.0, current.1.clone())
+            }
+        }
+    }
+
+    /// Gives up the connection of `generation` after a timeout on it.
+    fn replace(&self, generation: u64) {
+        let Ok(mut current) = self.inner.current.lock() else {
+            return;
+        };
+        if current.0 != generation {
+            return; // replaced already, by another command that timed out
+        }
+        match ConnectionManager::new_lazy_with_config(
+            self.inner.client.clone(),
+            self.inner.config.clone(),
+        ) {
+            Ok(manager) => {
+                tracing::warn!("a Redis command timed out; giving up its connection for a new one");
+                *current = (generation + 1, manager);
+                crate::telemetry::metrics()
+                    .connections_replaced
+                    .with_label_values(&["redis"])
+                    .inc();
+            }
+            Err(e) => tracing::warn!(error = %e, "could not make a new Redis connection manager"),
+        }
+    }
+}
+
+/// The cluster connection, made on first use and made anew after a command on it timed out
+/// (see [`Managed`]; the redis crate's cluster client reconnects a node only after errors).
 #[derive(Clone)]
 pub struct LazyCluster {
-    inner: Arc<(ClusterClient, tokio::sync::OnceCell<ClusterConnection>)>,
+    inner: Arc<LazyClusterInner>,
+}
+
+struct LazyClusterInner {
+    client: ClusterClient,
+    /// (generation, connection) once made.
+    slot: tokio::sync::Mutex<Option<(u64, ClusterConnection)>>,
+    generations: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for LazyCluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LazyCluster")
-            .field("connected", &self.inner.1.initialized())
-            .finish_non_exhaustive()
+        f.debug_struct("LazyCluster").finish_non_exhaustive()
     }
 }
 
 impl LazyCluster {
-    async fn get(&self) -> RedisResult<ClusterConnection> {
-        let (client, conn) = &*self.inner;
-        conn.get_or_try_init(|| client.get_async_connection())
-            .await
-            .cloned()
+    fn new(client: ClusterClient) -> LazyCluster {
+        LazyCluster {
+            inner: Arc::new(LazyClusterInner {
+                client,
+                slot: tokio::sync::Mutex::new(None),
+                generations: std::sync::atomic::AtomicU64::new(0),
+            }),
+        }
     }
+
+    async fn get(&self) -> RedisResult<(u64, ClusterConnection)> {
+        let LazyClusterInner {
+            client,
+            slot,
+            generations,
+        } = &*self.inner;
+        let mut slot = slot.lock().await;
+        if let Some((generation, conn)) = &*slot {
+            return Ok((*generation, conn.clone()));
+        }
+        let conn = client.get_async_connection().await?;
+        let generation = generations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        *slot = Some((generation, conn.clone()));
+        Ok((generation, conn))
+    }
+
+    async fn forget(&self, generation: u64) {
+        let mut slot = self.inner.slot.lock().await;
+        if slot.as_ref().is_some_and(|(g, _)| *g == generation) {
+            tracing::warn!(
+                "a Redis Cluster command timed out; giving up the cluster connection for a new one"
+            );
+            *slot = None;
+            crate::telemetry::metrics()
+                .connections_replaced
+                .with_label_values(&["redis"])
+                .inc();
+        }
+    }
+}
+
+fn timed_out<T>(result: &RedisResult<T>) -> bool {
+    matches!(result, Err(e) if e.is_timeout())
 }
 
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
-            Conn::Managed(c) => c.req_packed_command(cmd),
+            Conn::Managed(managed) => Box::pin(async move {
+                let (generation, mut c) = managed.get();
+                let result = c.req_packed_command(cmd).await;
+                if timed_out(&result) {
+                    managed.replace(generation);
+                }
+                result
+            }),
             Conn::Dedicated(c) => c.req_packed_command(cmd),
             Conn::Cluster(lazy) => Box::pin(async move {
-                let mut c = lazy.get().await?;
-                c.req_packed_command(cmd).await
+                let (generation, mut c) = lazy.get().await?;
+                let result = c.req_packed_command(cmd).await;
+                if timed_out(&result) {
+                    lazy.forget(generation).await;
+                }
+                result
             }),
         }
     }
@@ -101,11 +231,22 @@ impl ConnectionLike for Conn {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
-            Conn::Managed(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Managed(managed) => Box::pin(async move {
+                let (generation, mut c) = managed.get();
+                let result = c.req_packed_commands(cmd, offset, count).await;
+                if timed_out(&result) {
+                    managed.replace(generation);
+                }
+                result
+            }),
             Conn::Dedicated(c) => c.req_packed_commands(cmd, offset, count),
             Conn::Cluster(lazy) => Box::pin(async move {
-                let mut c = lazy.get().await?;
-                c.req_packed_commands(cmd, offset, count).await
+                let (generation, mut c) = lazy.get().await?;
+                let result = c.req_packed_commands(cmd, offset, count).await;
+                if timed_out(&result) {
+                    lazy.forget(generation).await;
+                }
+                result
             }),
         }
     }
@@ -208,7 +349,8 @@ impl Redis {
         if !config.cluster.is_empty() {
             let mut builder = ClusterClient::builder(config.cluster.iter().map(String::as_str))
                 .connection_timeout(connect_timeout)
-                .response_timeout(response_timeout);
+                .response_timeout(response_timeout)
+                .tcp_settings(tcp_settings(response_timeout));
             if let Some(root_cert) = root_cert {
                 builder = builder.certs(redis::TlsCertificates {
                     client_tls: None,
@@ -224,24 +366,24 @@ impl Redis {
             })?;
             return Ok(Redis {
                 client: None,
-                commands: Conn::Cluster(LazyCluster {
-                    inner: Arc::new((client, tokio::sync::OnceCell::new())),
-                }),
+                commands: Conn::Cluster(LazyCluster::new(client)),
                 prefix: config.stream_prefix.clone(),
                 connect_timeout,
                 partitions: std::collections::HashMap::new(),
             });
         }
-        let opened = match root_cert {
-            Some(root_cert) => {
-                let certificates = redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(root_cert),
-                };
-                Client::build_with_tls(config.url.as_str(), certificates)
-            }
-            None => Client::open(config.url.as_str()),
-        };
+        let opened = redis::IntoConnectionInfo::into_connection_info(config.url.as_str())
+            .map(|info| info.set_tcp_settings(tcp_settings(response_timeout)))
+            .and_then(|info| match root_cert {
+                Some(root_cert) => {
+                    let certificates = redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(root_cert),
+                    };
+                    Client::build_with_tls(info, certificates)
+                }
+                None => Client::open(info),
+            });
         let client = opened.map_err(|e| {
             ConfigError::new(
                 "redis.url",
@@ -253,8 +395,11 @@ impl Redis {
             .set_connection_timeout(Some(connect_timeout))
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_secs(5))
-            .set_number_of_retries(3);
-        let commands = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
+            // One reconnection attempt per command: the loops retry with their own backoff,
+            // and an operator command against a Redis that does not answer should fail in
+            // seconds, not after a row of connect timeouts.
+            .set_number_of_retries(1);
+        let commands = Managed::new(client.clone(), manager_config)
             .map_err(Error::redis("creating the connection manager"))?;
         Ok(Redis {
             client: Some(client),
@@ -297,7 +442,7 @@ impl Redis {
         };
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
-            .set_response_timeout(Some(block + Duration::from_secs(5)));
+            .set_response_timeout(Some(block + BLOCKING_READ_MARGIN));
         let mut conn = client
             .get_multiplexed_async_connection_with_config(&config)
             .await
@@ -367,6 +512,20 @@ impl Redis {
     }
 }
 
+/// Every Redis socket: no Nagle delay; keepalive probes after 10 s of silence, every 5 s, 2
+/// retries; unacknowledged data given up after the response timeout (`TCP_USER_TIMEOUT`), so
+/// that a peer that vanished is noticed by the kernel even while nothing is being asked.
+fn tcp_settings(response_timeout: Duration) -> redis::io::tcp::TcpSettings {
+    let keepalive = redis::io::tcp::socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(10))
+        .with_interval(Duration::from_secs(5))
+        .with_retries(2);
+    redis::io::tcp::TcpSettings::default()
+        .set_nodelay(true)
+        .set_keepalive(keepalive)
+        .set_user_timeout(response_timeout)
+}
+
 /// FNV-1a (64-bit) of the aggregate ID modulo the partition count: fixed forever, since
 /// changing it would move an aggregate to another stream mid-life.
 pub fn partition_of(aggregate_id: &str, partitions: u32) -> u32 {
@@ -404,7 +563,17 @@ pub fn is_transient(err: &redis::RedisError) -> bool {
     }
     matches!(
         err.code(),
-        Some("LOADING" | "READONLY" | "MASTERDOWN" | "TRYAGAIN" | "CLUSTERDOWN" | "OOM" | "BUSY")
+        Some(
+            "LOADING"
+                | "READONLY"
+                | "MASTERDOWN"
+                | "TRYAGAIN"
+                | "CLUSTERDOWN"
+                | "OOM"
+                | "BUSY"
+                | "MISCONF"
+                | "NOREPLICAS"
+        )
     ) || matches!(err.kind(), redis::ErrorKind::Io | redis::ErrorKind::Client)
 }
 

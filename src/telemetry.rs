@@ -1,6 +1,6 @@
 //! Every Prometheus metric outboxd exports, defined in one place, and the small HTTP endpoint
-//! that serves them with `/healthz` and `/readyz` (ready = every configured database and
-//! Redis answer). Hot paths update these once per batch, not per event.
+//! that serves them with `/healthz` (no loop stuck, see `watchdog`) and `/readyz` (no loop
+//! backing off, and every configured database and Redis answer). Hot paths update these once per batch, not per event.
 
 use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec,
@@ -30,6 +30,8 @@ pub struct Metrics {
     pub order_skips: IntCounterVec,
     pub end_to_end_seconds: Histogram,
     pub oldest_confirmed_order_age_seconds: Gauge,
+    pub connections_replaced: IntCounterVec,
+    pub loop_progress_age_seconds: GaugeVec,
 }
 
 #[allow(clippy::expect_used)] // constant definitions: a bad one fails every test run
@@ -174,8 +176,29 @@ fn build() -> Metrics {
     .expect("valid metric definition");
     r.register(Box::new(oldest_confirmed_order_age_seconds.clone()))
         .expect("metric registered once");
+    let connections_replaced = counter(
+        &r,
+        "outboxd_connections_replaced_total",
+        "Connections given up because an operation on them ran out of time, by server.",
+        &["server"],
+    );
+    for server in ["postgres", "redis"] {
+        connections_replaced.with_label_values(&[server]);
+    }
+    let loop_progress_age_seconds = GaugeVec::new(
+        Opts::new(
+            "outboxd_loop_last_progress_age_seconds",
+            "Seconds since each relay or consumer loop last made progress (an idle round counts).",
+        ),
+        &["loop"],
+    )
+    .expect("valid metric definition");
+    r.register(Box::new(loop_progress_age_seconds.clone()))
+        .expect("metric registered once");
     Metrics {
         registry: r,
+        connections_replaced,
+        loop_progress_age_seconds,
         relay_published,
         relay_batch_seconds,
         relay_errors,
@@ -199,7 +222,9 @@ impl Metrics {
     /// The name of every metric exported (histograms add `_bucket`, `_sum`, `_count`).
     pub fn names(&self) -> Vec<String> {
         use prometheus::core::Collector;
-        let collectors: [&dyn Collector; 16] = [
+        let collectors: [&dyn Collector; 18] = [
+            &self.connections_replaced,
+            &self.loop_progress_age_seconds,
             &self.relay_published,
             &self.relay_batch_seconds,
             &self.relay_errors,
@@ -320,13 +345,19 @@ async fn answer(mut stream: tokio::net::TcpStream, readiness: &Readiness) -> std
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = path.split('?').next().unwrap_or("");
     let (status, content_type, body) = match (method, path) {
-        ("GET", "/metrics") => (
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            render(),
-        ),
-        ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
-        ("GET", "/readyz") => match readiness.check().await {
+        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", {
+            crate::watchdog::export();
+            render()
+        }),
+        ("GET", "/healthz") => match crate::watchdog::health() {
+            Ok(()) => ("200 OK", "text/plain", "ok\n".to_string()),
+            Err(e) => (
+                "503 Service Unavailable",
+                "text/plain",
+                format!("stuck: {e}\n"),
+            ),
+        },
+        ("GET", "/readyz") => match crate::watchdog::readiness().and(readiness.check().await) {
             Ok(()) => ("200 OK", "text/plain", "ready\n".to_string()),
             Err(e) => (
                 "503 Service Unavailable",

@@ -816,19 +816,6 @@ listen = "127.0.0.1:{port}"
     assert!(daemon.wait().unwrap().success(), "run exits 0 on SIGTERM");
 }
 
-async fn http_get(port: u16, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
-}
-
 #[test]
 fn demo_tells_the_story_end_to_end() {
     let (code, out, err) = run_bin(&["demo"], &[]);

@@ -18,7 +18,7 @@ use crate::envelope::{decode, Incoming};
 use crate::error::{Error, Result};
 use crate::handlers::{HandleError, Handler, Outcome};
 use crate::redis_io::Redis;
-use crate::relay::Backoff;
+use crate::retry::Backoff;
 use crate::telemetry::metrics;
 use deadpool_postgres::Pool;
 use read::Entry;
@@ -65,6 +65,10 @@ pub struct Consumer {
     handler: Handler,
     inbox_insert: String,
     inbox_hashes: String,
+    /// The bound of each step of a batch's transaction (the database's `query_timeout_ms`).
+    query_timeout: Duration,
+    /// `consume --once`: how long a server may stay away or silent before the drain gives up.
+    give_up_after: Duration,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -130,11 +134,18 @@ RETURNING event_id"
             topics,
             consumer_name,
             handler,
+            query_timeout: Duration::from_millis(crate::config::defaults::query_timeout_ms()),
+            give_up_after: Duration::from_secs(60),
         })
     }
 
     pub fn name(&self) -> String {
         self.config.name.clone()
+    }
+
+    /// How long `drain` retries a server that is away or not answering (default 60 s).
+    pub fn set_give_up_after(&mut self, after: Duration) {
+        self.give_up_after = after;
     }
 
     pub fn consumer_name(&self) -> &str {
@@ -335,12 +346,22 @@ RETURNING event_id"
             skips.clear();
             transitions.clear();
             handled.clear();
-            let mut client = self.pool.get().await.map_err(Error::pool(format!(
-                "consumer {}: getting a connection",
-                self.config.name
-            )))?;
+            // Every step of the transaction is bounded: a connection that stops answering
+            // fails the batch (its entries stay pending), and the pool's checkout check
+            // throws that connection away instead of handing it out again.
+            let bound = self.query_timeout;
             let ctx = format!("consumer {}: applying a batch", self.config.name);
-            let tx = client.transaction().await.map_err(Error::pg(ctx.clone()))?;
+            let mut client = crate::db::bounded(bound, &ctx, async {
+                self.pool.get().await.map_err(Error::pool(format!(
+                    "consumer {}: getting a connection",
+                    self.config.name
+                )))
+            })
+            .await?;
+            let tx = crate::db::bounded(bound, &ctx, async {
+                client.transaction().await.map_err(Error::pg(ctx.clone()))
+            })
+            .await?;
             let mut new_ids: HashSet<String> = HashSet::new();
             if !active.is_empty() {
                 let event_ids: Vec<&str> =
@@ -354,18 +375,20 @@ RETURNING event_id"
                     .map(|w| entries[w.entry].id.as_str())
                     .collect();
                 let hashes: Vec<i64> = active.iter().map(|w| w.hash).collect();
-                let insert = tx
-                    .prepare_cached(&self.inbox_insert)
-                    .await
-                    .map_err(Error::pg(ctx.clone()))?;
-                for row in tx
-                    .query(
+                let inserted = crate::db::bounded(bound, &ctx, async {
+                    let insert = tx
+                        .prepare_cached(&self.inbox_insert)
+                        .await
+                        .map_err(Error::pg(ctx.clone()))?;
+                    tx.query(
                         &insert,
                         &[&self.config.name, &event_ids, &streams, &entry_ids, &hashes],
                     )
                     .await
-                    .map_err(Error::pg(ctx.clone()))?
-                {
+                    .map_err(Error::pg(ctx.clone()))
+                })
+                .await?;
+                for row in inserted {
                     new_ids.insert(row.get(0));
                 }
             }
@@ -397,7 +420,7 @@ RETURNING event_id"
             }
             let tx_ref = &tx;
             let entries_ref = &entries;
-            let results = futures_util::future::join_all(groups.iter().map(|group| async move {
+            let handlers = futures_util::future::join_all(groups.iter().map(|group| async move {
                 let mut out = Vec::with_capacity(group.len());
                 for w in group {
                     let topic = &self.topics[entries_ref[w.entry].stream];
@@ -409,8 +432,9 @@ RETURNING event_id"
                     }
                 }
                 out
-            }))
-            .await;
+            }));
+            let results =
+                crate::db::bounded(bound, &ctx, async { Ok::<_, Error>(handlers.await) }).await?;
             let mut retry_batch = false;
             for (entry, result) in results.into_iter().flatten() {
                 match result {
@@ -435,13 +459,20 @@ RETURNING event_id"
                 }
             }
             if retry_batch {
-                tx.rollback().await.map_err(Error::pg(ctx.clone()))?;
+                crate::db::bounded(bound, &ctx, async {
+                    tx.rollback().await.map_err(Error::pg(ctx.clone()))
+                })
+                .await?;
                 continue;
             }
             if !duplicates.is_empty() {
-                tally.conflicts += self.count_conflicts(&tx, &duplicates).await?;
+                tally.conflicts +=
+                    crate::db::bounded(bound, &ctx, self.count_conflicts(&tx, &duplicates)).await?;
             }
-            tx.commit().await.map_err(Error::pg(ctx))?;
+            crate::db::bounded(bound, &ctx, async {
+                tx.commit().await.map_err(Error::pg(ctx.clone()))
+            })
+            .await?;
             tally.duplicate = duplicates.len() as u64;
             break;
         }
@@ -643,11 +674,13 @@ RETURNING event_id"
         let claim_every = Duration::from_millis((self.config.claim_idle_ms / 2).max(50));
         let mut last_claim = Instant::now();
         let mut idle = Duration::ZERO;
+        let watch = crate::watchdog::register(&format!("consumer {}", self.config.name));
         tracing::info!(consumer = %self.config.name, instance = %self.consumer_name, "consumer started");
         loop {
             if shutdown.is_cancelled() {
                 break;
             }
+            watch.busy();
             let step = async {
                 if rescan {
                     self.ensure_groups().await?;
@@ -726,12 +759,17 @@ RETURNING event_id"
             };
             let result = step.await;
             match result {
-                Ok(()) => backoff.reset(),
+                Ok(()) => {
+                    watch.done();
+                    backoff.reset()
+                }
                 Err(e) if e.is_transient() || is_missing_group(&e) => {
                     metrics()
                         .consumer_errors
                         .with_label_values(&[&self.config.name, "transient"])
                         .inc();
+                    watch.failed(&crate::error::chain(&e));
+                    crate::db::after_failure(&self.pool, &e);
                     let delay = backoff.next_delay();
                     tracing::warn!(consumer = %self.config.name, error = %crate::error::chain(&e), retry_in_ms = delay.as_millis() as u64, "consumer batch failed; backing off");
                     blocking = None;
@@ -754,12 +792,12 @@ RETURNING event_id"
     /// dead-lettered at max_deliveries, so nothing of this consumer stays pending.
     pub async fn drain(&self, shutdown: &CancellationToken) -> Result<Tally> {
         let mut tally = Tally::default();
-        let mut backoff = Backoff::new();
-        let mut transient_since: Option<Instant> = None;
+        let mut budget = crate::retry::TransientBudget::new(self.give_up_after);
         loop {
             if shutdown.is_cancelled() {
                 return Ok(tally);
             }
+            let round_started = Instant::now();
             let round = async {
                 let mut round = Tally::default();
                 self.ensure_groups().await?;
@@ -783,7 +821,7 @@ RETURNING event_id"
             match round.await {
                 Ok(round) => {
                     tally.add(&round);
-                    transient_since = None;
+                    budget.reset();
                     // Failed entries of this round are still pending here: go round again.
                     if round.retrying == 0 && round.handled() == 0 {
                         return Ok(tally);
@@ -793,11 +831,10 @@ RETURNING event_id"
                     }
                 }
                 Err(e) if e.is_transient() => {
-                    let since = *transient_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() > Duration::from_secs(60) {
+                    let Some(delay) = budget.next_wait(round_started) else {
                         return Err(e);
-                    }
-                    let delay = backoff.next_delay();
+                    };
+                    crate::db::after_failure(&self.pool, &e);
                     tracing::warn!(consumer = %self.config.name, error = %crate::error::chain(&e), "consume --once round failed; retrying");
                     tokio::time::sleep(delay).await;
                 }
@@ -906,16 +943,25 @@ pub fn build_all(
                     crate::config::ConfigError::new("consumers.database", "unknown database")
                 })?
                 .clone();
-            Consumer::new(c.clone(), pool, redis.clone())
+            let mut consumer = Consumer::new(c.clone(), pool, redis.clone())?;
+            consumer.query_timeout = config.database(&c.database)?.query_timeout();
+            Ok(consumer)
         })
         .collect()
 }
 
 /// `consume --once` for every configured consumer, with a summary line each.
-pub async fn consume_once(config: &Config, shutdown: &CancellationToken) -> Result<()> {
+pub async fn consume_once(
+    config: &Config,
+    give_up_after: Duration,
+    shutdown: &CancellationToken,
+) -> Result<()> {
     let pools = crate::app::pools(config)?;
     let redis = Redis::for_config(config)?;
-    let consumers = build_all(config, &pools, &redis)?;
+    let mut consumers = build_all(config, &pools, &redis)?;
+    for consumer in &mut consumers {
+        consumer.set_give_up_after(give_up_after);
+    }
     if consumers.is_empty() {
         return Err(crate::config::ConfigError::new("consumers", "no consumer configured").into());
     }

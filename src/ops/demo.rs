@@ -35,8 +35,8 @@ fn db_url(server: &str, db: &str) -> Result<String> {
 
 async fn connect(url: &str) -> Result<tokio_postgres::Client> {
     let db = crate::config::DatabaseConfig {
-        url: url.to_string(),
         pool_size: 1,
+        ..crate::config::DatabaseConfig::with_url(url)
     };
     let target = crate::db::pg_config("demo", &db)?;
     let (client, conn) = crate::db::connect_dedicated(&target)

@@ -91,6 +91,7 @@ pub async fn collect(
     }
     let mut consumers = Vec::new();
     let mut conn = redis.commands();
+    let mut redis_silent: Option<String> = None;
     for c in &config.consumers {
         for key in c.streams.iter().flat_map(|t| redis.stream_keys(t)) {
             let mut s = ConsumerStatus {
@@ -103,8 +104,15 @@ pub async fn collect(
                 dead_letters: 0,
                 error: None,
             };
-            if let Err(e) = stream_figures(&mut conn, &key, &c.name, &mut s).await {
-                s.error = Some(crate::error::chain(&e));
+            if let Some(silent) = &redis_silent {
+                s.error = Some(format!("not asked: {silent}"));
+            } else if let Err(e) = stream_figures(&mut conn, &key, &c.name, &mut s).await {
+                let text = crate::error::chain(&e);
+                // A Redis that does not answer is not asked again for every stream.
+                if e.is_timeout() || e.is_transient() {
+                    redis_silent = Some(text.clone());
+                }
+                s.error = Some(text);
             }
             consumers.push(s);
         }
@@ -251,12 +259,37 @@ pub async fn run(config: &Config, json: bool) -> Result<()> {
     let pools = crate::app::pools(config)?;
     let redis = Redis::for_config(config)?;
     let status = collect(config, &pools, &redis, true).await;
+    // What could be read is printed; anything that could not makes the command fail (exit
+    // 1), naming the server and what was being read, so a script never takes a partial
+    // status for a healthy one.
+    let failures: Vec<String> = status
+        .outboxes
+        .iter()
+        .filter_map(|o| {
+            o.error
+                .as_ref()
+                .map(|e| format!("outbox {}.{}: {e}", o.database, o.table))
+        })
+        .chain(status.consumers.iter().filter_map(|c| {
+            c.error
+                .as_ref()
+                .map(|e| format!("consumer {} stream {}: {e}", c.name, c.stream))
+        }))
+        .collect();
+    let outcome = if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Other(format!(
+            "status is incomplete: {}",
+            failures.join("; ")
+        )))
+    };
     if json {
         crate::outln!(
             "{}",
             serde_json::to_string(&status).map_err(|e| Error::Other(e.to_string()))?
         );
-        return Ok(());
+        return outcome;
     }
     crate::outln!("OUTBOXES");
     crate::outln!(
@@ -328,7 +361,7 @@ pub async fn run(config: &Config, json: bool) -> Result<()> {
                 .unwrap_or_default()
         );
     }
-    Ok(())
+    outcome
 }
 
 /// Keeps the backlog and lag gauges current while the daemon runs (every 5 s).
@@ -339,8 +372,19 @@ pub async fn refresh_gauges_forever(
     shutdown: CancellationToken,
 ) {
     let m = crate::telemetry::metrics();
+    // Each round is bounded as a whole too, so that a server gone silent cannot stop the
+    // gauges for longer than a round's bound (its figures are then simply not refreshed).
+    let bound = config.largest_operation_bound() * 2;
     loop {
-        let status = collect(&config, &pools, &redis, false).await;
+        let Ok(status) = tokio::time::timeout(bound, collect(&config, &pools, &redis, false)).await
+        else {
+            tracing::warn!("refreshing the gauges timed out; will try again");
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+            }
+            continue;
+        };
         for o in &status.outboxes {
             if o.error.is_none() {
                 m.outbox_backlog_rows
@@ -361,7 +405,9 @@ pub async fn refresh_gauges_forever(
                     .set(c.pending as i64);
             }
         }
-        if let Some(age) = oldest_confirmed_order_age(&config, &pools).await {
+        if let Ok(Some(age)) =
+            tokio::time::timeout(bound, oldest_confirmed_order_age(&config, &pools)).await
+        {
             m.oldest_confirmed_order_age_seconds.set(age);
         }
         tokio::select! {

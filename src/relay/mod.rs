@@ -12,6 +12,7 @@ use crate::db::quote_qualified;
 use crate::envelope::{encode_into, Outgoing};
 use crate::error::{Error, Result};
 use crate::redis_io::Redis;
+use crate::retry::Backoff;
 use crate::telemetry::metrics;
 use claim::Statements;
 use deadpool_postgres::Pool;
@@ -141,6 +142,8 @@ pub struct Relay {
     /// an entry, since a key can be deleted and recreated as another type. Shared by the
     /// batches in flight; never held across an await.
     known_streams: Mutex<HashSet<String>>,
+    /// `relay --once`: how long a server may stay away or silent before the drain gives up.
+    give_up_after: Duration,
 }
 
 impl std::fmt::Debug for Relay {
@@ -173,11 +176,17 @@ impl Relay {
             source,
             relid: None,
             known_streams: Mutex::new(HashSet::new()),
+            give_up_after: Duration::from_secs(60),
         }
     }
 
     pub fn name(&self) -> String {
         format!("{}.{}", self.database, self.table)
+    }
+
+    /// How long `drain` retries a server that is away or not answering (default 60 s).
+    pub fn set_give_up_after(&mut self, after: Duration) {
+        self.give_up_after = after;
     }
 
     fn ctx(&self, what: &str) -> String {
@@ -189,6 +198,14 @@ impl Relay {
         if let Some(relid) = self.relid {
             return Ok(relid);
         }
+        let ctx = self.ctx("startup checks");
+        let relid = crate::db::bounded(self.pg.query_timeout, &ctx, self.startup_checks()).await?;
+        self.relid = Some(relid);
+        Ok(relid)
+    }
+
+    /// The table's oid, after checking that its id sequence hands out ids one at a time.
+    async fn startup_checks(&self) -> Result<u32> {
         let client = self
             .pool
             .get()
@@ -230,7 +247,6 @@ impl Relay {
                 )));
             }
         }
-        self.relid = Some(relid);
         Ok(relid)
     }
 
@@ -356,17 +372,24 @@ impl Relay {
         done: oneshot::Sender<()>,
     ) -> Result<Finished> {
         let mut started = Instant::now();
-        let client = self
-            .pool
-            .get()
-            .await
-            .map_err(Error::pool(self.ctx("getting a connection")))?;
+        // Every PostgreSQL step is bounded by the query timeout: a connection that stops
+        // answering fails the batch there, and the dropped transaction takes the connection
+        // with it (never back to the pool); Redis commands have their response timeout.
+        let bound = self.pg.query_timeout;
+        let ctx_get = self.ctx("getting a connection");
+        let client = crate::db::bounded(bound, &ctx_get, async {
+            self.pool.get().await.map_err(Error::pool(ctx_get.clone()))
+        })
+        .await?;
         let limit = i64::from(self.config.batch_size);
         let ctx_claim = self.ctx("claiming a batch");
-        let claim = client
-            .prepare_cached(&self.sql.claim)
-            .await
-            .map_err(Error::pg(ctx_claim.clone()))?;
+        let claim = crate::db::bounded(bound, &ctx_claim, async {
+            client
+                .prepare_cached(&self.sql.claim)
+                .await
+                .map_err(Error::pg(ctx_claim.clone()))
+        })
+        .await?;
         let tx = crate::db::OpenTransaction::new(client);
         let client = tx.client();
         // BEGIN and the claim are sent together: the connection runs them in order, in one
@@ -375,10 +398,13 @@ impl Relay {
         // the commit need not wait for the WAL flush (it is still ordered and atomic).
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
             [&relid, &limit, &lower_bound];
-        let (begun, rows) = tokio::join!(
-            client.batch_execute("BEGIN; SET LOCAL synchronous_commit = off"),
-            client.query(&claim, &params)
-        );
+        let (begun, rows) = crate::db::bounded(bound, &ctx_claim, async {
+            Ok::<_, Error>(tokio::join!(
+                client.batch_execute("BEGIN; SET LOCAL synchronous_commit = off"),
+                client.query(&claim, &params)
+            ))
+        })
+        .await?;
         begun.map_err(Error::pg(ctx_claim.clone()))?;
         let rows = rows.map_err(Error::pg(ctx_claim.clone()))?;
         let mut outcome = BatchOutcome {
@@ -392,7 +418,10 @@ impl Relay {
             last_id,
         });
         if rows.is_empty() {
-            tx.rollback().await.map_err(Error::pg(ctx_claim))?;
+            crate::db::bounded(bound, &ctx_claim, async {
+                tx.rollback().await.map_err(Error::pg(ctx_claim.clone()))
+            })
+            .await?;
             return Ok(Finished {
                 outcome,
                 clean: true,
@@ -413,28 +442,36 @@ impl Relay {
         let aggregates: Vec<&str> = claimed_rows.iter().map(|r| r.aggregate_id).collect();
         // Both checks run in statements of their own, so with snapshots taken after the
         // claim's read of pg_locks (see claim.rs).
-        let up_to = client
-            .prepare_cached(&self.sql.rows_up_to)
-            .await
-            .map_err(Error::pg(self.ctx("head-of-table check")))?;
-        let rows_up_to: i64 = client
-            .query_one(&up_to, &[&last_id])
-            .await
-            .map_err(Error::pg(self.ctx("head-of-table check")))?
-            .get(0);
+        let ctx_head = self.ctx("head-of-table check");
+        let rows_up_to: i64 = crate::db::bounded(bound, &ctx_head, async {
+            let up_to = client
+                .prepare_cached(&self.sql.rows_up_to)
+                .await
+                .map_err(Error::pg(ctx_head.clone()))?;
+            client
+                .query_one(&up_to, &[&last_id])
+                .await
+                .map_err(Error::pg(ctx_head.clone()))
+        })
+        .await?
+        .get(0);
         let outside = rows_up_to - ids.len() as i64;
         // publishable[i]: claimed row i is at the head of its aggregate
         let publishable: Vec<bool> = if outside == 0 {
             vec![true; ids.len()]
         } else if outside <= SMALL_GAP_ROWS {
-            let before = client
-                .prepare_cached(&self.sql.rows_before)
-                .await
-                .map_err(Error::pg(self.ctx("head-of-aggregate check")))?;
-            let table_rows = client
-                .query(&before, &[&last_id])
-                .await
-                .map_err(Error::pg(self.ctx("head-of-aggregate check")))?;
+            let ctx = self.ctx("head-of-aggregate check");
+            let table_rows = crate::db::bounded(bound, &ctx, async {
+                let before = client
+                    .prepare_cached(&self.sql.rows_before)
+                    .await
+                    .map_err(Error::pg(ctx.clone()))?;
+                client
+                    .query(&before, &[&last_id])
+                    .await
+                    .map_err(Error::pg(ctx.clone()))
+            })
+            .await?;
             let in_batch: HashSet<i64> = ids.iter().copied().collect();
             // the first row of each aggregate that is not in the batch: nothing of that
             // aggregate after it may be published
@@ -451,17 +488,21 @@ impl Relay {
                 .map(|(id, agg)| first_outside.get(agg).is_none_or(|g| id < g))
                 .collect()
         } else {
-            let head = client
-                .prepare_cached(&self.sql.head_of_aggregate)
-                .await
-                .map_err(Error::pg(self.ctx("head-of-aggregate check")))?;
-            let heads: HashSet<i64> = client
-                .query(&head, &[&ids, &aggregates])
-                .await
-                .map_err(Error::pg(self.ctx("head-of-aggregate check")))?
-                .iter()
-                .map(|r| r.get::<_, i64>(0))
-                .collect();
+            let ctx = self.ctx("head-of-aggregate check");
+            let heads: HashSet<i64> = crate::db::bounded(bound, &ctx, async {
+                let head = client
+                    .prepare_cached(&self.sql.head_of_aggregate)
+                    .await
+                    .map_err(Error::pg(ctx.clone()))?;
+                client
+                    .query(&head, &[&ids, &aggregates])
+                    .await
+                    .map_err(Error::pg(ctx.clone()))
+            })
+            .await?
+            .iter()
+            .map(|r| r.get::<_, i64>(0))
+            .collect();
             ids.iter().map(|id| heads.contains(id)).collect()
         };
         let clean = outside == 0;
@@ -524,23 +565,30 @@ impl Relay {
         } else {
             &self.sql.delete
         };
-        let delete = client
-            .prepare_cached(delete_sql)
-            .await
-            .map_err(Error::pg(self.ctx("deleting published rows")))?;
-        let delete_fut = async {
+        let ctx_delete = self.ctx("deleting published rows");
+        let delete = crate::db::bounded(bound, &ctx_delete, async {
+            client
+                .prepare_cached(delete_sql)
+                .await
+                .map_err(Error::pg(ctx_delete.clone()))
+        })
+        .await?;
+        let delete_fut = crate::db::bounded(bound, &ctx_delete, async {
             if entry_ctids.is_empty() {
                 Ok(0)
             } else {
-                client.execute(&delete, &[&entry_ctids]).await
+                client
+                    .execute(&delete, &[&entry_ctids])
+                    .await
+                    .map_err(Error::pg(ctx_delete.clone()))
             }
-        };
+        });
         let (deleted, results) = tokio::join!(
             delete_fut,
             publish::publish(&mut conn, &entries, &entry_aggregates)
         );
         let results = results?;
-        deleted.map_err(Error::pg(self.ctx("deleting published rows")))?;
+        deleted?;
         let mut per_topic: HashMap<&str, u64> = HashMap::new();
         let mut rejected = false;
         for ((id, _, topic), result) in entry_rows.iter().zip(results) {
@@ -566,11 +614,14 @@ impl Relay {
             // (duplicates on the stream, which the inbox absorbs).
             // On the same connection: handing it back to the pool in between could let the
             // next batch take it and then wait for this one, with a pool of one.
-            let client = tx
-                .rollback_and_keep()
-                .await
-                .map_err(Error::pg(self.ctx("rolling back a batch")))?;
-            let (failed, quarantined) = self.record_failures(&**client, &failures).await?;
+            let ctx = self.ctx("rolling back a batch");
+            let client = crate::db::bounded(bound, &ctx, async {
+                tx.rollback_and_keep().await.map_err(Error::pg(ctx.clone()))
+            })
+            .await?;
+            let ctx = self.ctx("recording failed rows");
+            let (failed, quarantined) =
+                crate::db::bounded(bound, &ctx, self.record_failures(&**client, &failures)).await?;
             outcome.failed = failed;
             outcome.quarantined = quarantined;
             self.count_failures(&outcome);
@@ -580,14 +631,19 @@ impl Relay {
             });
         }
         if !failures.is_empty() {
-            let (failed, quarantined) = self.record_failures(&***client, &failures).await?;
+            let ctx = self.ctx("recording failed rows");
+            let (failed, quarantined) =
+                crate::db::bounded(bound, &ctx, self.record_failures(&***client, &failures))
+                    .await?;
             outcome.failed = failed;
             outcome.quarantined = quarantined;
         }
         let published = entry_rows.len();
-        tx.commit()
-            .await
-            .map_err(Error::pg(self.ctx("committing a batch")))?;
+        let ctx = self.ctx("committing a batch");
+        crate::db::bounded(bound, &ctx, async {
+            tx.commit().await.map_err(Error::pg(ctx.clone()))
+        })
+        .await?;
         let _ = done.send(());
         outcome.published = published;
         if let Ok(mut known) = self.known_streams.lock() {
@@ -755,34 +811,36 @@ impl Relay {
     /// Rows held back by open producer transactions, and the sessions responsible.
     pub async fn held_back(&mut self) -> Result<HeldBack> {
         let relid = self.relid().await?;
-        let client = self
-            .pool
-            .get()
-            .await
-            .map_err(Error::pool(self.ctx("getting a connection")))?;
-        held_back_with(
-            &client,
-            &self.sql,
-            relid,
-            &self.ctx("counting held-back rows"),
-        )
+        let ctx = self.ctx("counting held-back rows");
+        crate::db::bounded(self.pg.query_timeout, &ctx, async {
+            let client = self
+                .pool
+                .get()
+                .await
+                .map_err(Error::pool(self.ctx("getting a connection")))?;
+            held_back_with(&client, &self.sql, relid, &ctx).await
+        })
         .await
     }
 
     /// Unpublished rows, quarantined rows and the age of the oldest.
     pub async fn backlog(&mut self) -> Result<Backlog> {
-        let client = self
-            .pool
-            .get()
-            .await
-            .map_err(Error::pool(self.ctx("getting a connection")))?;
-        let row = client
-            .query_one(
-                &self.sql.backlog,
-                &[&EXACT_COUNT_BELOW, &quote_qualified(&self.table)],
-            )
-            .await
-            .map_err(Error::pg(self.ctx("measuring the backlog")))?;
+        let ctx = self.ctx("measuring the backlog");
+        let row = crate::db::bounded(self.pg.query_timeout, &ctx, async {
+            let client = self
+                .pool
+                .get()
+                .await
+                .map_err(Error::pool(self.ctx("getting a connection")))?;
+            client
+                .query_one(
+                    &self.sql.backlog,
+                    &[&EXACT_COUNT_BELOW, &quote_qualified(&self.table)],
+                )
+                .await
+                .map_err(Error::pg(ctx.clone()))
+        })
+        .await?;
         Ok(Backlog {
             rows: row.get::<_, i64>(0).max(0),
             estimated: row.get(1),
@@ -808,6 +866,7 @@ impl Relay {
         let poll = Duration::from_millis(self.config.poll_interval_ms);
         let mut backoff = Backoff::new();
         let mut last_prune: Option<Instant> = None;
+        let watch = crate::watchdog::register(&format!("relay {}", self.name()));
         tracing::info!(relay = %self.name(), "relay started");
         let result = loop {
             if shutdown.is_cancelled() {
@@ -827,8 +886,9 @@ impl Relay {
                     }
                 }
             }
+            watch.busy();
             let run = match self.relid().await {
-                Ok(relid) => self.pipeline(relid, &shutdown, &mut |_| {}).await,
+                Ok(relid) => self.pipeline(relid, &shutdown, &mut |_| watch.beat()).await,
                 Err(e) => PipelineRun {
                     error: Some(e),
                     ..PipelineRun::default()
@@ -836,6 +896,7 @@ impl Relay {
             };
             match run.error.map_or(Ok(run.outcome), Err) {
                 Ok(_) => {
+                    watch.done();
                     backoff.reset();
                     // Rows there but none publishable: another relay holds the head of
                     // their aggregates; look again shortly rather than at the poll interval.
@@ -858,6 +919,8 @@ impl Relay {
                         .relay_errors
                         .with_label_values(&[&self.table, "transient"])
                         .inc();
+                    watch.failed(&crate::error::chain(&e));
+                    crate::db::after_failure(&self.pool, &e);
                     let delay = backoff.next_delay();
                     tracing::warn!(relay = %self.name(), error = %crate::error::chain(&e), retry_in_ms = delay.as_millis() as u64, "relay batch failed; backing off");
                     tokio::select! {
@@ -883,8 +946,7 @@ impl Relay {
     ) -> Result<DrainSummary> {
         let started = Instant::now();
         let mut summary = DrainSummary::default();
-        let mut backoff = Backoff::new();
-        let mut transient_since: Option<Instant> = None;
+        let mut budget = crate::retry::TransientBudget::new(self.give_up_after);
         let mut idle_rounds = 0;
         let deadline = wait_held.map(|d| started + d);
         let mut waited_on_held = false;
@@ -893,6 +955,7 @@ impl Relay {
                 break;
             }
             let mut published = summary.published;
+            let round_started = Instant::now();
             let run = match self.relid().await {
                 Ok(relid) => {
                     self.pipeline(relid, shutdown, &mut |o| {
@@ -912,8 +975,7 @@ impl Relay {
             summary.quarantined += outcome.quarantined as u64;
             match run.error.map_or(Ok(()), Err) {
                 Ok(()) => {
-                    backoff.reset();
-                    transient_since = None;
+                    budget.reset();
                     if outcome.published > 0 || outcome.failed > 0 {
                         idle_rounds = 0;
                         continue;
@@ -940,11 +1002,10 @@ impl Relay {
                     break;
                 }
                 Err(e) if e.is_transient() => {
-                    let since = *transient_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() > Duration::from_secs(60) {
+                    let Some(delay) = budget.next_wait(round_started) else {
                         return Err(e);
-                    }
-                    let delay = backoff.next_delay();
+                    };
+                    crate::db::after_failure(&self.pool, &e);
                     tracing::warn!(relay = %self.name(), error = %crate::error::chain(&e), "relay --once batch failed; retrying");
                     tokio::time::sleep(delay).await;
                 }
@@ -999,6 +1060,9 @@ pub async fn held_back_with(
     })
 }
 
+/// How often the LISTEN connection proves that it still answers.
+const LISTEN_HEARTBEAT: Duration = Duration::from_secs(5);
+
 /// Keeps a dedicated connection LISTENing on the table's channel and wakes the relay on each
 /// notification. deadpool's pooled connections drop notifications, so this one is driven by
 /// hand (`poll_message`). Reconnects with backoff; the relay's poll interval covers the gaps.
@@ -1013,18 +1077,27 @@ async fn listen(
     let mut backoff = Backoff::new();
     loop {
         let wake = wake.clone();
+        let bound = pg.query_timeout;
         let attempt = async {
-            let client = pool.get().await.map_err(|e| e.to_string())?;
-            let relid: Option<u32> = client
-                .query_one("SELECT to_regclass($1)::oid", &[&quote_qualified(&table)])
-                .await
-                .map_err(|e| e.to_string())?
-                .get(0);
-            drop(client);
+            let relid: Option<u32> = crate::db::bounded(bound, "looking up the table", async {
+                let client = pool.get().await.map_err(|e| Error::Other(e.to_string()))?;
+                client
+                    .query_one("SELECT to_regclass($1)::oid", &[&quote_qualified(&table)])
+                    .await
+                    .map_err(|e| Error::Other(e.to_string()))
+            })
+            .await
+            .map_err(|e| crate::error::chain(&e))?
+            .get(0);
             let relid = relid.ok_or_else(|| format!("table {table} does not exist"))?;
-            let (client, mut connection) = crate::db::connect_dedicated(&pg)
+            let (client, mut connection) =
+                crate::db::bounded(bound, "connecting for LISTEN", async {
+                    crate::db::connect_dedicated(&pg)
+                        .await
+                        .map_err(|e| Error::Other(e.to_string()))
+                })
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| crate::error::chain(&e))?;
             let channel = format!("outboxd_{relid}");
             let driver = async move {
                 while let Some(message) =
@@ -1044,8 +1117,20 @@ async fn listen(
                     .await
                     .map_err(|e| e.to_string())?;
                 tracing::debug!(relay, channel, "listening");
-                std::future::pending::<()>().await;
-                Ok::<(), String>(())
+                // An idle connection sends nothing, so a peer gone silent would never be
+                // noticed and notifications would stop without a word: a bounded empty
+                // query every few seconds proves it still answers.
+                loop {
+                    tokio::time::sleep(LISTEN_HEARTBEAT).await;
+                    crate::db::bounded(bound, "LISTEN heartbeat", async {
+                        client
+                            .simple_query("")
+                            .await
+                            .map_err(|e| Error::Other(e.to_string()))
+                    })
+                    .await
+                    .map_err(|e| crate::error::chain(&e))?;
+                }
             };
             // The driver must run for LISTEN to complete; it ends when the connection does.
             tokio::select! {
@@ -1053,7 +1138,7 @@ async fn listen(
                 r = listen => r,
             }
         };
-        let result = tokio::select! {
+        let result: std::result::Result<(), String> = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = attempt => r,
         };
@@ -1069,41 +1154,6 @@ async fn listen(
                 _ = tokio::time::sleep(delay) => {}
             }
         }
-    }
-}
-
-/// Exponential backoff with jitter (from `backon`, which the redis crate already uses),
-/// 100 ms doubling to 10 s, never giving up on its own.
-#[derive(Debug)]
-pub struct Backoff {
-    iter: backon::ExponentialBackoff,
-}
-
-impl Backoff {
-    pub fn new() -> Backoff {
-        use backon::BackoffBuilder;
-        Backoff {
-            iter: backon::ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(100))
-                .with_max_delay(Duration::from_secs(10))
-                .with_jitter()
-                .without_max_times()
-                .build(),
-        }
-    }
-
-    pub fn next_delay(&mut self) -> Duration {
-        self.iter.next().unwrap_or(Duration::from_secs(10))
-    }
-
-    pub fn reset(&mut self) {
-        *self = Backoff::new();
-    }
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff::new()
     }
 }
 

@@ -455,6 +455,21 @@ impl PrivateRedis {
         }
     }
 
+    /// SIGSTOP: the server stops answering; its sockets (and new connections, which the
+    /// kernel still accepts) stay open.
+    pub fn pause(&self) {
+        if let Some(c) = &self.child {
+            unsafe_free_kill(c.id(), "STOP");
+        }
+    }
+
+    /// SIGCONT after `pause`.
+    pub fn resume(&self) {
+        if let Some(c) = &self.child {
+            unsafe_free_kill(c.id(), "CONT");
+        }
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -829,4 +844,18 @@ pub fn redis_port() -> u16 {
         .next()
         .and_then(|p| p.trim_end_matches('/').parse().ok())
         .unwrap_or(6379)
+}
+
+/// A plain HTTP/1.1 GET to 127.0.0.1:`port`; the whole response (status line first).
+pub async fn http_get(port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
 }

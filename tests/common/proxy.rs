@@ -24,6 +24,9 @@ struct Connection {
     to_server: Pipe,
     to_client: Pipe,
     reset: bool,
+    /// The local port of the proxy's connection to the server: the client address the
+    /// server sees (`pg_stat_activity.client_port`, Redis `CLIENT LIST` addr).
+    upstream_port: u16,
 }
 
 #[derive(Default)]
@@ -73,12 +76,19 @@ impl FaultProxy {
                         };
                         let _ = client.set_nodelay(true);
                         let _ = server.set_nodelay(true);
+                        let upstream_port = server.local_addr().map(|a| a.port()).unwrap_or(0);
                         let id = {
                             let mut c = shared.lock().unwrap();
                             c.next_id += 1;
                             c.accepted += 1;
                             let id = c.next_id;
-                            c.live.insert(id, Connection::default());
+                            c.live.insert(
+                                id,
+                                Connection {
+                                    upstream_port,
+                                    ..Connection::default()
+                                },
+                            );
                             id
                         };
                         let (cr, cw) = client.into_split();
@@ -118,6 +128,27 @@ impl FaultProxy {
                 conn.to_client.allowance = Some(0);
             }
         })
+    }
+
+    /// Freezes the one live connection whose server-side address has port `port` (what the
+    /// server reports as the client's port). Returns whether there was one.
+    pub fn freeze_upstream_port(&self, port: u16) -> bool {
+        self.with(|c| {
+            let mut found = false;
+            for conn in c.live.values_mut() {
+                if conn.upstream_port == port {
+                    conn.to_server.allowance = Some(0);
+                    conn.to_client.allowance = Some(0);
+                    found = true;
+                }
+            }
+            found
+        })
+    }
+
+    /// Live connections (frozen ones included).
+    pub fn live(&self) -> usize {
+        self.with(|c| c.live.len())
     }
 
     /// Forwards again everything frozen or held.
