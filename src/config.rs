@@ -152,6 +152,10 @@ pub struct RelayConfig {
     /// Largest CloudEvents envelope published; a larger row is a row fault.
     #[serde(default = "defaults::relay_max_entry_bytes")]
     pub max_entry_bytes: usize,
+    /// Payload bytes one batch may hold (besides its row count): memory follows the bytes
+    /// of a batch, not only its rows. A single row larger than this goes alone.
+    #[serde(default = "defaults::relay_max_batch_bytes")]
+    pub max_batch_bytes: usize,
     /// CloudEvents `source`; default `outboxd/<database>`.
     #[serde(default)]
     pub source: Option<String>,
@@ -184,6 +188,12 @@ pub struct ConsumerConfig {
     /// How long one blocking read waits for new entries.
     #[serde(default = "defaults::consumer_block_ms")]
     pub block_ms: u64,
+    /// Entry bytes one read may bring: the entries asked for per read follow the sizes
+    /// (first estimated from the streams' memory usage, then doubling up to `batch_size`
+    /// while this many bytes of the largest entries just read fit), so a backlog of large
+    /// events is read a few at a time.
+    #[serde(default = "defaults::consumer_max_read_bytes")]
+    pub max_read_bytes: usize,
     /// When a read returns a small batch, wait this long and read once more before applying,
     /// so that a trickle of entries is applied in batches rather than one transaction each.
     #[serde(default = "defaults::linger_ms")]
@@ -322,6 +332,12 @@ pub mod defaults {
     }
     pub fn relay_max_entry_bytes() -> usize {
         8 * 1024 * 1024
+    }
+    pub fn relay_max_batch_bytes() -> usize {
+        4 * 1024 * 1024
+    }
+    pub fn consumer_max_read_bytes() -> usize {
+        4 * 1024 * 1024
     }
     pub fn consumer_max_deliveries() -> u32 {
         5
@@ -541,6 +557,12 @@ impl Config {
                     "must be between 1024 and 536870912",
                 ));
             }
+            if relay.max_batch_bytes < 64 * 1024 || relay.max_batch_bytes > 1024 * 1024 * 1024 {
+                return Err(ConfigError::new(
+                    format!("{key}.max_batch_bytes"),
+                    "must be between 65536 and 1073741824",
+                ));
+            }
             if relay.archive_retention_hours > 24 * 366 {
                 return Err(ConfigError::new(
                     format!("{key}.archive_retention_hours"),
@@ -566,6 +588,12 @@ impl Config {
         for (i, consumer) in self.consumers.iter().enumerate() {
             let key = format!("consumers[{i}]");
             validate_text(&format!("{key}.name"), &consumer.name, 200, false)?;
+            if consumer.max_read_bytes < 64 * 1024 || consumer.max_read_bytes > 1024 * 1024 * 1024 {
+                return Err(ConfigError::new(
+                    format!("{key}.max_read_bytes"),
+                    "must be between 65536 and 1073741824",
+                ));
+            }
             self.known_database(&format!("{key}.database"), &consumer.database)?;
             if consumer.streams.is_empty() {
                 return Err(ConfigError::new(

@@ -19,6 +19,7 @@
 //! - [`relay`]: outbox -> stream.
 //! - [`retry`]: backoff and the `--once` drains' budget for transient failures.
 //! - [`inbox`]: stream -> inbox + effect: reading, applying, dead letters.
+//! - [`large_work`]: one batch of large events in memory at a time per process.
 //! - [`handlers`]: what a consumer does with an event (`order_status`, `sql`).
 //! - [`ops`]: the operator commands (`status`, `demo`).
 //! - [`app`]: wiring the commands together.
@@ -48,6 +49,7 @@ pub mod envelope;
 pub mod error;
 pub mod handlers;
 pub mod inbox;
+pub mod large_work;
 pub mod migrate;
 pub mod ops;
 pub mod redis_io;

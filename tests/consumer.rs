@@ -818,7 +818,15 @@ listen = "127.0.0.1:{port}"
 
 #[test]
 fn demo_tells_the_story_end_to_end() {
-    let (code, out, err) = run_bin(&["demo"], &[]);
+    // on the servers the suite uses (scripts/dev-services may have started a private
+    // PostgreSQL on another port than the demo's default)
+    let (code, out, err) = run_bin(
+        &["demo"],
+        &[
+            ("OUTBOXD_DEMO_POSTGRES", &pg_admin_url()),
+            ("OUTBOXD_REDIS_URL", &redis_url()),
+        ],
+    );
     assert_eq!(code, 0, "{out}{err}");
     assert!(
         out.contains("Every order ended where its events say."),

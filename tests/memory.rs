@@ -107,3 +107,146 @@ listen = ""
         "consumer peak RSS {consume_mb:.1} MB"
     );
 }
+
+/// Issue #11: memory follows bytes, not only rows. 40 events of 4 MB each (incompressible)
+/// go through `relay --once` and `consume --once` with default settings; each must peak at
+/// most 64 MB plus twice the largest event. Then 40 more through `run`, which must apply
+/// them all (its peak is reported). Without the byte budgets a relay claim of 1,000
+/// such rows, or a read of 200 entries, would hold gigabytes (3.2 GB measured for 150 rows).
+#[tokio::test]
+async fn large_events_pass_within_64_mb_plus_twice_the_largest() {
+    const EVENTS: i64 = 40;
+    let db = TestDb::new("memory_large").await;
+    let streams = TestStreams::new("memory_large");
+    let text = format!(
+        r#"
+[redis]
+url = "{}"
+stream_prefix = "{}"
+[databases.main]
+url = "{}"
+[[relays]]
+database = "main"
+[[consumers]]
+name = "ledger"
+database = "main"
+streams = ["events"]
+handler = "sql"
+function = "count_event"
+[http]
+listen = ""
+"#,
+        redis_url(),
+        streams.prefix,
+        db.url
+    );
+    let cfg = write_config("memory_large", &text);
+    outboxd(&cfg, &["migrate"]);
+    let client = db.client().await;
+    create_ledger(&client).await;
+    // 4 MB of hex per event, from md5s (pglz finds nothing to compress in it)
+    client
+        .execute(
+            "INSERT INTO outbox (topic, aggregate_id, payload)
+             SELECT 'events', 'agg-' || (g % 3), jsonb_build_object('n', g, 'blob',
+               (SELECT string_agg(md5(g::text || '-' || i), '') FROM generate_series(1, 131072) i))
+             FROM generate_series(1, $1::bigint) g",
+            &[&EVENTS],
+        )
+        .await
+        .unwrap();
+    let largest_mb: f64 = client
+        .query_one(
+            "SELECT max(octet_length(payload::text))::float8 / 1048576 FROM outbox",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let limit_mb = LIMIT_MB + 2.0 * largest_mb;
+
+    let (out, relay_mb) = run_sampling_rss(&cfg, &["relay", "--once"]);
+    assert!(out.contains(&format!("{EVENTS} rows")), "{out}");
+    check_stream_order(&streams.entries("events").await);
+    let (out, consume_mb) = run_sampling_rss(&cfg, &["consume", "--once"]);
+    assert!(out.contains(&format!("{EVENTS} events")), "{out}");
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM ledger WHERE applications = 1"
+        )
+        .await,
+        EVENTS
+    );
+    // the daemon, relaying and consuming at once
+    client
+        .execute(
+            "INSERT INTO outbox (topic, aggregate_id, payload)
+             SELECT 'events', 'agg-' || (g % 3), jsonb_build_object('n', g, 'blob',
+               (SELECT string_agg(md5(g::text || '-' || i), '') FROM generate_series(1, 131072) i))
+             FROM generate_series($1::bigint + 1, 2 * $1::bigint) g",
+            &[&EVENTS],
+        )
+        .await
+        .unwrap();
+    let mut daemon = Command::new(bin())
+        .args(["--config", cfg.to_str().unwrap(), "run"])
+        .env("OUTBOXD_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let status = format!("/proc/{}/status", daemon.id());
+    let peak = || {
+        std::fs::read_to_string(&status)
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find(|l| l.starts_with("VmHWM:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+            .unwrap_or(0.0)
+            / 1024.0
+    };
+    let started = std::time::Instant::now();
+    while count(&client, "SELECT count(*) FROM ledger").await < 2 * EVENTS {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "run did not apply everything"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let run_mb = peak();
+    sigterm(&daemon);
+    assert!(daemon.wait().unwrap().success(), "run exits 0");
+    println!(
+        "memory: relay peak {relay_mb:.1} MB, consumer peak {consume_mb:.1} MB, run peak \
+         {run_mb:.1} MB for {EVENTS} events of {largest_mb:.1} MB each (limit {limit_mb:.1} MB)"
+    );
+    // `run` is not within the target yet (issue #11 stays open): every connection keeps the
+    // buffer capacity of the largest message it carried, and `run` has more of them
+    // (measured 117 MB, 97 MB with pool_size = 2). Reported, not asserted.
+    if run_mb > limit_mb {
+        println!(
+            "memory: run is above the target by {:.1} MB",
+            run_mb - limit_mb
+        );
+    }
+    assert!(relay_mb <= limit_mb, "relay peak RSS {relay_mb:.1} MB");
+    assert!(
+        consume_mb <= limit_mb,
+        "consumer peak RSS {consume_mb:.1} MB"
+    );
+}
+
+/// Each aggregate's entries in `n` order (the large events carry `n` and `agg-<n % 3>`).
+fn check_stream_order(entries: &[(String, serde_json::Value)]) {
+    let mut last: std::collections::HashMap<String, i64> = Default::default();
+    for (id, env) in entries {
+        let agg = env["subject"].as_str().unwrap().to_string();
+        let n = env["data"]["n"].as_i64().unwrap();
+        if let Some(prev) = last.insert(agg.clone(), n) {
+            assert!(n > prev, "{agg}: {n} (entry {id}) after {prev}");
+        }
+    }
+}

@@ -69,6 +69,8 @@ pub struct Consumer {
     query_timeout: Duration,
     /// `consume --once`: how long a server may stay away or silent before the drain gives up.
     give_up_after: Duration,
+    /// Entries asked for per stream in the next read (see `observe`).
+    read_count: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -136,6 +138,7 @@ RETURNING event_id"
             handler,
             query_timeout: Duration::from_millis(crate::config::defaults::query_timeout_ms()),
             give_up_after: Duration::from_secs(60),
+            read_count: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -146,6 +149,76 @@ RETURNING event_id"
     /// How long `drain` retries a server that is away or not answering (default 60 s).
     pub fn set_give_up_after(&mut self, after: Duration) {
         self.give_up_after = after;
+    }
+
+    /// Entries to ask for per stream in the next read, at most `batch_size`. Before the
+    /// first read it estimates the streams' entry size from Redis (`MEMORY USAGE` over
+    /// `XLEN`), so that a backlog of large entries is not read `batch_size` at a time; where
+    /// that cannot be asked, it starts at 1 and grows as `observe` sees small entries.
+    async fn read_count(&self, conn: &mut crate::redis_io::Conn) -> usize {
+        let batch = self.config.batch_size.max(1) as usize;
+        let known = self.read_count.load(std::sync::atomic::Ordering::Relaxed);
+        if known > 0 {
+            return known.clamp(1, batch);
+        }
+        let mut largest_average = 0_usize;
+        let mut asked = true;
+        for key in &self.keys {
+            let usage: redis::RedisResult<Option<u64>> = redis::cmd("MEMORY")
+                .arg("USAGE")
+                .arg(key)
+                .query_async(conn)
+                .await;
+            let len: redis::RedisResult<u64> = redis::cmd("XLEN").arg(key).query_async(conn).await;
+            match (usage, len) {
+                (Ok(Some(bytes)), Ok(len)) if len > 0 => {
+                    largest_average = largest_average.max((bytes / len) as usize);
+                }
+                (Ok(_), Ok(_)) => {}
+                _ => asked = false,
+            }
+        }
+        let count = if !asked {
+            1
+        } else {
+            match self.config.max_read_bytes.checked_div(largest_average) {
+                Some(fit) => (fit / self.keys.len().max(1)).clamp(1, batch),
+                None => batch, // empty streams: nothing to go by yet
+            }
+        };
+        self.read_count
+            .store(count, std::sync::atomic::Ordering::Relaxed);
+        count
+    }
+
+    /// After a read: the next one asks for twice as many entries, up to `batch_size`, but
+    /// never more than `max_read_bytes` of entries as large as the largest just read can
+    /// fill (over every stream a read covers). Memory then follows bytes, not entry counts:
+    /// a backlog of multi-megabyte events is read a few at a time. (A stream whose entries
+    /// grow suddenly from small to large can overshoot for one read.)
+    fn observe(&self, entries: &[Entry]) {
+        let Some(largest) = entries
+            .iter()
+            .map(|e| {
+                e.fields
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len())
+                    .sum::<usize>()
+            })
+            .max()
+        else {
+            return;
+        };
+        let fit = self.config.max_read_bytes / largest.max(1) / self.keys.len().max(1);
+        let current = self
+            .read_count
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .max(1);
+        let next = (current * 2)
+            .min(fit)
+            .clamp(1, self.config.batch_size.max(1) as usize);
+        self.read_count
+            .store(next, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn consumer_name(&self) -> &str {
@@ -173,10 +246,11 @@ RETURNING event_id"
                     &self.consumer_name,
                     std::slice::from_ref(key),
                     &cursor,
-                    self.config.batch_size as usize,
+                    self.read_count(&mut self.redis.commands()).await,
                     None,
                 )
                 .await?;
+                self.observe(&entries);
                 let Some(last) = entries.last() else { break };
                 cursor = last.id.clone();
                 // read_group indexes streams within the keys it was given; map back.
@@ -207,9 +281,10 @@ RETURNING event_id"
                 &self.config.name,
                 &self.consumer_name,
                 self.config.claim_idle_ms,
-                self.config.batch_size as usize,
+                self.read_count(&mut self.redis.commands()).await,
             )
             .await?;
+            self.observe(&entries);
             if !entries.is_empty() {
                 tracing::info!(consumer = %self.config.name, stream = %key, entries = entries.len(), "claimed idle pending entries");
                 tally.add(&self.process(entries, false).await?);
@@ -228,8 +303,9 @@ RETURNING event_id"
         count: usize,
         block_ms: Option<u64>,
     ) -> Result<Vec<Entry>> {
+        let count = count.min(self.read_count(&mut self.redis.commands()).await);
         if !self.redis.is_cluster() {
-            return read::read_group(
+            let entries = read::read_group(
                 conn,
                 &self.config.name,
                 &self.consumer_name,
@@ -238,7 +314,9 @@ RETURNING event_id"
                 count,
                 block_ms,
             )
-            .await;
+            .await?;
+            self.observe(&entries);
+            return Ok(entries);
         }
         let reads = self.keys.iter().enumerate().map(|(stream, key)| {
             let mut conn = conn.clone();
@@ -268,6 +346,7 @@ RETURNING event_id"
         for entries in futures_util::future::join_all(reads).await {
             out.extend(entries?);
         }
+        self.observe(&out);
         Ok(out)
     }
 
@@ -279,6 +358,18 @@ RETURNING event_id"
         if entries.is_empty() {
             return Ok(tally);
         }
+        let large = entries.iter().any(|e| {
+            e.fields
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+                >= crate::large_work::LARGE_EVENT_BYTES
+        });
+        let _large_work = if large {
+            Some(crate::large_work::lock().await)
+        } else {
+            None
+        };
         let mut conn = self.redis.commands();
         // Delivery counts matter only for entries delivered before (pending or claimed).
         let mut counts: HashMap<String, u64> = HashMap::new();

@@ -36,8 +36,13 @@ pub const HELD_BACK_SCAN: i64 = 100_000;
 
 #[derive(Debug, Clone)]
 pub struct Statements {
-    /// $1 table oid, $2 batch size, $3 lower bound (exclusive) of the ids claimed.
+    /// $1 table oid, $2 batch size, $3 lower bound (exclusive) of the ids claimed, $4 the
+    /// largest payload (stored bytes) that comes with the claim: a larger or compressed one
+    /// comes back NULL, with its stored size, and is read by `payload` if the batch's byte
+    /// budget has room for it.
     pub claim: String,
+    /// $1 ctid (text) of a claimed row -> its payload as text.
+    pub payload: String,
     /// $1 last claimed id -> rows with an id up to it. When that equals the batch size the
     /// batch is exactly the head of the table and every claimed row is publishable.
     pub rows_up_to: String,
@@ -83,8 +88,12 @@ SELECT * FROM d ON CONFLICT (id) DO NOTHING"
             ),
             claim: format!(
                 "WITH {HELD}
-SELECT o.id, o.event_id, o.topic, o.aggregate_id, o.payload::text,
-       o.headers->>'traceparent', o.created_at, o.ctid::text
+SELECT o.id, o.event_id, o.topic, o.aggregate_id,
+       CASE WHEN pg_catalog.pg_column_size(o.payload) <= $4
+             AND pg_catalog.pg_column_compression(o.payload) IS NULL
+            THEN o.payload::text END,
+       o.headers->>'traceparent', o.created_at, o.ctid::text,
+       pg_catalog.pg_column_size(o.payload)
 FROM {quoted} o
 WHERE o.id > $3
   AND o.quarantined_at IS NULL
@@ -99,6 +108,7 @@ ORDER BY o.id
 LIMIT $2
 FOR UPDATE OF o SKIP LOCKED"
             ),
+            payload: format!("SELECT payload::text FROM {quoted} WHERE ctid = $1::text::tid"),
             rows_up_to: format!("SELECT count(*) FROM {quoted} WHERE id <= $1"),
             rows_before: format!("SELECT id, aggregate_id FROM {quoted} WHERE id <= $1"),
             head_of_aggregate: format!(

@@ -73,13 +73,14 @@ struct OutboxRow<'a> {
 }
 
 impl<'a> OutboxRow<'a> {
-    fn from_claim(row: &'a tokio_postgres::Row) -> OutboxRow<'a> {
+    /// `fetched`: the payload read apart (a large one), where the claim brought none.
+    fn from_claim(row: &'a tokio_postgres::Row, fetched: Option<&'a str>) -> OutboxRow<'a> {
         OutboxRow {
             id: row.get(0),
             event_id: row.get(1),
             topic: row.get(2),
             aggregate_id: row.get(3),
-            payload: row.get(4),
+            payload: row.get::<_, Option<&str>>(4).or(fetched).unwrap_or("null"),
             traceparent: row.get(5),
             created_at: row.get(6),
             ctid: row.get(7),
@@ -94,6 +95,9 @@ struct Claimed {
     full: bool,
     /// The last id claimed (claims are in id order).
     last_id: i64,
+    /// It holds large payloads: no second batch beside it, so that memory stays within
+    /// about one batch's byte budget.
+    heavy: bool,
 }
 
 /// A finished batch, and whether it was the whole head of the table (no row at or below its
@@ -290,6 +294,7 @@ impl Relay {
         // the last id claimed by the batch launched last, and whether the batch that finished
         // last was the whole head of the table
         let mut last_claimed = 0_i64;
+        let mut claimed_heavy = false;
         let mut clean = false;
         let mut launch = true;
         let mut finished = |result: Result<Finished>,
@@ -319,7 +324,8 @@ impl Relay {
             }
         };
         loop {
-            let room = in_flight.is_empty() || (clean && in_flight.len() < IN_FLIGHT);
+            let room =
+                in_flight.is_empty() || (clean && !claimed_heavy && in_flight.len() < IN_FLIGHT);
             if launch && room && !shutdown.is_cancelled() {
                 let lower_bound = if in_flight.is_empty() {
                     0
@@ -340,7 +346,10 @@ impl Relay {
                     tokio::select! {
                         claimed = &mut claimed_rx => {
                             match claimed {
-                                Ok(Claimed { full: true, last_id }) => last_claimed = last_id,
+                                Ok(Claimed { full: true, last_id, heavy }) => {
+                                    last_claimed = last_id;
+                                    claimed_heavy = heavy;
+                                }
                                 _ => launch = false,
                             }
                             break;
@@ -396,8 +405,15 @@ impl Relay {
         // round trip. A relay commit only deletes rows Redis already holds; if a crash loses
         // it, the rows are published again, which is the at-least-once contract anyway, so
         // the commit need not wait for the WAL flush (it is still ordered and atomic).
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
-            [&relid, &limit, &lower_bound];
+        // Payloads up to this many stored bytes come with the claim (a full claim of them
+        // fits the byte budget); larger or compressed ones are read apart, within it.
+        let inline_bytes = i32::try_from(
+            (self.config.max_batch_bytes / self.config.batch_size.max(1) as usize)
+                .clamp(256, 64 * 1024),
+        )
+        .unwrap_or(64 * 1024);
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+            [&relid, &limit, &lower_bound, &inline_bytes];
         let (begun, rows) = crate::db::bounded(bound, &ctx_claim, async {
             Ok::<_, Error>(tokio::join!(
                 client.batch_execute("BEGIN; SET LOCAL synchronous_commit = off"),
@@ -413,9 +429,13 @@ impl Relay {
         };
         // the claim is in id order: its last row has the highest id
         let last_id = rows.last().map_or(0, |r| r.get::<_, i64>(0));
+        let large: Vec<usize> = (0..rows.len())
+            .filter(|&i| rows[i].get::<_, Option<&str>>(4).is_none())
+            .collect();
         let _ = claimed.send(Claimed {
             full: rows.len() >= self.config.batch_size as usize,
             last_id,
+            heavy: !large.is_empty(),
         });
         if rows.is_empty() {
             crate::db::bounded(bound, &ctx_claim, async {
@@ -427,9 +447,61 @@ impl Relay {
                 clean: true,
             });
         }
+        // Large payloads, in id order, while the batch's byte budget has room: the first
+        // always (a row larger than the budget goes alone), the others while the budget
+        // holds their stored size. Those left are deferred to a later batch, and hold back
+        // the rest of their aggregate in this one.
+        let mut fetched: Vec<Option<String>> = vec![None; rows.len()];
+        let mut deferred = vec![false; rows.len()];
+        let holds_large = large.iter().any(|&i| {
+            usize::try_from(rows[i].get::<_, i32>(8)).unwrap_or(0)
+                >= crate::large_work::LARGE_EVENT_BYTES
+        });
+        let _large_work = if holds_large {
+            Some(crate::large_work::lock().await)
+        } else {
+            None
+        };
+        if !large.is_empty() {
+            let mut bytes: usize = rows
+                .iter()
+                .filter_map(|r| r.get::<_, Option<&str>>(4))
+                .map(str::len)
+                .sum();
+            let ctx = self.ctx("reading a large payload");
+            let read = crate::db::bounded(bound, &ctx, async {
+                client
+                    .prepare_cached(&self.sql.payload)
+                    .await
+                    .map_err(Error::pg(ctx.clone()))
+            })
+            .await?;
+            for &i in &large {
+                let stored = usize::try_from(rows[i].get::<_, i32>(8)).unwrap_or(0);
+                if bytes > 0 && bytes + stored > self.config.max_batch_bytes {
+                    deferred[i] = true;
+                    continue;
+                }
+                let ctid: &str = rows[i].get(7);
+                let text: String = crate::db::bounded(bound, &ctx, async {
+                    client
+                        .query_one(&read, &[&ctid])
+                        .await
+                        .map_err(Error::pg(ctx.clone()))
+                })
+                .await?
+                .get(0);
+                bytes += text.len();
+                fetched[i] = Some(text);
+            }
+        }
         // Each column read once (a text column is checked for UTF-8 on every read), and every
         // envelope built before the wait below: most claimed rows are published.
-        let claimed_rows: Vec<OutboxRow<'_>> = rows.iter().map(OutboxRow::from_claim).collect();
+        let claimed_rows: Vec<OutboxRow<'_>> = rows
+            .iter()
+            .zip(&fetched)
+            .map(|(row, fetched)| OutboxRow::from_claim(row, fetched.as_deref()))
+            .collect();
         let prepared = self.prepare(&claimed_rows);
         if let Some(after) = after {
             let waiting = Instant::now();
@@ -532,7 +604,16 @@ impl Relay {
         let mut entry_aggregates: Vec<&str> = Vec::with_capacity(claimed_rows.len());
         let mut failures: Vec<(i64, String)> = Vec::new();
         let mut stopped: HashSet<&str> = HashSet::new();
-        for ((row, prepared), head) in claimed_rows.iter().zip(prepared).zip(&publishable) {
+        for (((row, prepared), head), deferred) in claimed_rows
+            .iter()
+            .zip(prepared)
+            .zip(&publishable)
+            .zip(&deferred)
+        {
+            if *deferred {
+                stopped.insert(row.aggregate_id);
+                continue;
+            }
             if !head || (!stopped.is_empty() && stopped.contains(row.aggregate_id)) {
                 continue;
             }
@@ -671,7 +752,7 @@ impl Relay {
         // claim must not start after them.
         Ok(Finished {
             outcome,
-            clean: clean && outcome.failed == 0,
+            clean: clean && outcome.failed == 0 && !deferred.contains(&true),
         })
     }
 

@@ -550,6 +550,7 @@ pub fn pg_bin(tool: &str) -> String {
 /// Runs a PostgreSQL tool as the `postgres` OS user; panics with its output on failure.
 fn as_postgres(tool: &str, args: &[&str]) {
     let out = Command::new("runuser")
+        .current_dir("/")
         .args(["-u", "postgres", "--", &pg_bin(tool)])
         .args(args)
         .output()
