@@ -48,11 +48,9 @@ fn run_sampling_rss(cfg: &std::path::Path, args: &[&str]) -> (String, f64) {
     )
 }
 
-#[tokio::test]
-async fn a_large_backlog_passes_in_bounded_memory() {
-    let db = TestDb::new("memory").await;
-    let streams = TestStreams::new("memory");
-    let text = format!(
+/// A relay on the test database's outbox and a `sql`-handler ledger consumer of `events`.
+fn ledger_config(db: &TestDb, streams: &TestStreams) -> String {
+    format!(
         r#"
 [redis]
 url = "{}"
@@ -73,7 +71,14 @@ listen = ""
         redis_url(),
         streams.prefix,
         db.url
-    );
+    )
+}
+
+#[tokio::test]
+async fn a_large_backlog_passes_in_bounded_memory() {
+    let db = TestDb::new("memory").await;
+    let streams = TestStreams::new("memory");
+    let text = ledger_config(&db, &streams);
     let cfg = write_config("memory", &text);
     outboxd(&cfg, &["migrate"]);
     let client = db.client().await;
@@ -118,28 +123,7 @@ async fn large_events_pass_within_64_mb_plus_twice_the_largest() {
     const EVENTS: i64 = 40;
     let db = TestDb::new("memory_large").await;
     let streams = TestStreams::new("memory_large");
-    let text = format!(
-        r#"
-[redis]
-url = "{}"
-stream_prefix = "{}"
-[databases.main]
-url = "{}"
-[[relays]]
-database = "main"
-[[consumers]]
-name = "ledger"
-database = "main"
-streams = ["events"]
-handler = "sql"
-function = "count_event"
-[http]
-listen = ""
-"#,
-        redis_url(),
-        streams.prefix,
-        db.url
-    );
+    let text = ledger_config(&db, &streams);
     let cfg = write_config("memory_large", &text);
     outboxd(&cfg, &["migrate"]);
     let client = db.client().await;
