@@ -73,14 +73,15 @@ struct OutboxRow<'a> {
 }
 
 impl<'a> OutboxRow<'a> {
-    /// `fetched`: the payload read apart (a large one), where the claim brought none.
-    fn from_claim(row: &'a tokio_postgres::Row, fetched: Option<&'a str>) -> OutboxRow<'a> {
+    /// `payload`: the claim's payload column (read once by the caller), else the one read
+    /// apart (a large one).
+    fn from_claim(row: &'a tokio_postgres::Row, payload: Option<&'a str>) -> OutboxRow<'a> {
         OutboxRow {
             id: row.get(0),
             event_id: row.get(1),
             topic: row.get(2),
             aggregate_id: row.get(3),
-            payload: row.get::<_, Option<&str>>(4).or(fetched).unwrap_or("null"),
+            payload: payload.unwrap_or("null"),
             traceparent: row.get(5),
             created_at: row.get(6),
             ctid: row.get(7),
@@ -429,9 +430,10 @@ impl Relay {
         };
         // the claim is in id order: its last row has the highest id
         let last_id = rows.last().map_or(0, |r| r.get::<_, i64>(0));
-        let large: Vec<usize> = (0..rows.len())
-            .filter(|&i| rows[i].get::<_, Option<&str>>(4).is_none())
-            .collect();
+        // The payload column read once (a text column is checked for UTF-8 on every read):
+        // NULL for a large payload the claim left out.
+        let inline: Vec<Option<&str>> = rows.iter().map(|r| r.get(4)).collect();
+        let large: Vec<usize> = (0..rows.len()).filter(|&i| inline[i].is_none()).collect();
         let _ = claimed.send(Claimed {
             full: rows.len() >= self.config.batch_size as usize,
             last_id,
@@ -463,11 +465,7 @@ impl Relay {
             None
         };
         if !large.is_empty() {
-            let mut bytes: usize = rows
-                .iter()
-                .filter_map(|r| r.get::<_, Option<&str>>(4))
-                .map(str::len)
-                .sum();
+            let mut bytes: usize = inline.iter().flatten().map(|p| p.len()).sum();
             let ctx = self.ctx("reading a large payload");
             let read = crate::db::bounded(bound, &ctx, async {
                 client
@@ -499,8 +497,10 @@ impl Relay {
         // envelope built before the wait below: most claimed rows are published.
         let claimed_rows: Vec<OutboxRow<'_>> = rows
             .iter()
-            .zip(&fetched)
-            .map(|(row, fetched)| OutboxRow::from_claim(row, fetched.as_deref()))
+            .zip(inline.iter().zip(&fetched))
+            .map(|(row, (inline, fetched))| {
+                OutboxRow::from_claim(row, inline.or(fetched.as_deref()))
+            })
             .collect();
         let prepared = self.prepare(&claimed_rows);
         if let Some(after) = after {
