@@ -198,6 +198,26 @@ pub struct DemoArgs {
         default_value = "postgres://root@127.0.0.1:5432/postgres"
     )]
     pub postgres: String,
+    /// What the demo's databases (`<name>_orders`, `<name>_fulfillment`) and streams
+    /// (`<name>:` with `-` for `_`) are called: lowercase letters, digits and `_`.
+    #[arg(long, default_value = "outboxd_demo", value_parser = parse_demo_name)]
+    pub name: String,
+}
+
+fn parse_demo_name(text: &str) -> Result<String, String> {
+    let starts_with_letter = text.chars().next().is_some_and(|c| c.is_ascii_lowercase());
+    let allowed = text
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    // 63 is PostgreSQL's identifier limit, less the longest suffix ("_fulfillment").
+    if starts_with_letter && allowed && text.len() <= 63 - "_fulfillment".len() {
+        Ok(text.to_string())
+    } else {
+        Err(format!(
+            "{text:?} is not a demo name: lowercase letters, digits and `_`, starting with a letter, at most {} characters",
+            63 - "_fulfillment".len()
+        ))
+    }
 }
 
 fn parse_duration_arg(text: &str) -> Result<std::time::Duration, String> {

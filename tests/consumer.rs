@@ -820,8 +820,26 @@ listen = "127.0.0.1:{port}"
 fn demo_tells_the_story_end_to_end() {
     // on the servers the suite uses (scripts/dev-services may have started a private
     // PostgreSQL on another port than the demo's default)
+    // Its own databases and streams (another suite on the same servers may run the demo too),
+    // dropped when the test ends.
+    let name = unique("demo_t");
+    let _databases = [
+        TestDb {
+            name: format!("{name}_orders"),
+            url: String::new(),
+        },
+        TestDb {
+            name: format!("{name}_fulfillment"),
+            url: String::new(),
+        },
+    ];
+    let _streams = TestStreams {
+        prefix: format!("{}:", name.replace('_', "-")),
+        url: redis_url(),
+        ca_pem: None,
+    };
     let (code, out, err) = run_bin(
-        &["demo"],
+        &["demo", "--name", &name],
         &[
             ("OUTBOXD_DEMO_POSTGRES", &pg_admin_url()),
             ("OUTBOXD_REDIS_URL", &redis_url()),
@@ -838,6 +856,10 @@ fn demo_tells_the_story_end_to_end() {
     );
     assert!(out.contains("delivered (delivery confirmed"), "{out}");
     assert!(out.contains("1 deduplicated, 1 dead-lettered"), "{out}");
+    assert!(out.contains(&format!("{name}_orders")), "{out}");
+    let (code, _, err) = run_bin(&["demo", "--name", "Bad-Name"], &[]);
+    assert_eq!(code, 2, "a bad --name is a usage error: {err}");
+    assert!(err.contains("\"Bad-Name\" is not a demo name"), "{err}");
 }
 
 #[tokio::test]

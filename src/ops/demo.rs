@@ -3,8 +3,9 @@
 //! events into its outbox, relays them, plays a relay crash's duplicate, a late out-of-order
 //! event and a poison entry, consumes everything with the `order_status` handler, relays the
 //! resulting `order.status_changed` events, and prints each order's timeline and a summary.
-//! Everything runs in this process and is finished when it returns; the databases and the
-//! `outboxd-demo:` streams stay for inspection and are recreated by the next run.
+//! Everything runs in this process and is finished when it returns; the databases
+//! (`outboxd_demo_orders`, `outboxd_demo_fulfillment`) and the `outboxd-demo:` streams stay
+//! for inspection and are recreated by the next run of the same `--name`.
 
 use crate::cli::DemoArgs;
 use crate::config::{redact_url, Config};
@@ -14,9 +15,6 @@ use crate::redis_io::Redis;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-const ORDERS_DB: &str = "outboxd_demo_orders";
-const FULFILLMENT_DB: &str = "outboxd_demo_fulfillment";
-const PREFIX: &str = "outboxd-demo:";
 const FSC: &str = "fulfillment.status_changed";
 const DC: &str = "delivery.confirmed";
 
@@ -54,8 +52,12 @@ pub async fn run(args: &DemoArgs) -> Result<()> {
         redact_url(&args.postgres),
         redact_url(&redis_url)
     );
+    // Named by `--name`, so that two demos (two test suites, say) never share databases.
+    let orders_db = format!("{}_orders", args.name);
+    let fulfillment_db = format!("{}_fulfillment", args.name);
+    let prefix = format!("{}:", args.name.replace('_', "-"));
     let admin = connect(&args.postgres).await?;
-    for db in [ORDERS_DB, FULFILLMENT_DB] {
+    for db in [&orders_db, &fulfillment_db] {
         for statement in [
             format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
             format!("CREATE DATABASE {db}"),
@@ -66,13 +68,13 @@ pub async fn run(args: &DemoArgs) -> Result<()> {
                 .map_err(Error::pg(format!("recreating {db}")))?;
         }
     }
-    let orders_url = db_url(&args.postgres, ORDERS_DB)?;
-    let fulfillment_url = db_url(&args.postgres, FULFILLMENT_DB)?;
+    let orders_url = db_url(&args.postgres, &orders_db)?;
+    let fulfillment_url = db_url(&args.postgres, &fulfillment_db)?;
     let text = format!(
         r#"
 [redis]
 url = "{redis_url}"
-stream_prefix = "{PREFIX}"
+stream_prefix = "{prefix}"
 [databases.orders]
 url = "{orders_url}"
 [databases.fulfillment]
@@ -96,7 +98,7 @@ listen = ""
     let redis = Redis::for_config(&config)?;
     let mut conn = redis.commands();
     let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{PREFIX}*"))
+        .arg(format!("{prefix}*"))
         .query_async(&mut conn)
         .await
         .map_err(Error::redis("listing old demo streams"))?;
@@ -110,7 +112,7 @@ listen = ""
 
     let report = crate::migrate::migrate(&config).await?;
     crate::outln!(
-        "1. migrate: {} steps applied to {ORDERS_DB} and {FULFILLMENT_DB}",
+        "1. migrate: {} steps applied to {orders_db} and {fulfillment_db}",
         report.applied.len()
     );
 
@@ -351,14 +353,14 @@ MULTI-2002, two warehouses, event by event:"
     );
     // The same server and role the demo used, over TCP: works for any OS user (a bare
     // `psql -d` would try the local socket as the OS user, which peer authentication refuses).
-    let inspect_url = db_url(&args.postgres, ORDERS_DB)?;
+    let inspect_url = db_url(&args.postgres, &orders_db)?;
     let redis_port = redis_url
         .rsplit(':')
         .next()
         .and_then(|p| p.trim_end_matches('/').parse::<u16>().ok())
         .unwrap_or(6379);
     crate::outln!(
-        "Inspect: psql '{}' -c 'table order_status_history'; redis-cli -p {redis_port} XRANGE {PREFIX}order.status_changed - +",
+        "Inspect: psql '{}' -c 'table order_status_history'; redis-cli -p {redis_port} XRANGE {prefix}order.status_changed - +",
         redact_url(&inspect_url)
     );
     if ok {
