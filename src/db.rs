@@ -129,15 +129,18 @@ where
     }
 }
 
-/// After an operation on one of its connections ran out of time: closes every idle
-/// connection of the pool. A silent peer (a NAT or load balancer that lost its state, a hung
-/// server) has usually silenced the idle ones too; checking each on checkout would cost a
-/// check timeout apiece, where connecting anew costs one round trip.
-pub fn forget_idle(pool: &Pool) {
+/// Closes every idle connection of the pool, saying why. After an operation on one of its
+/// connections ran out of time: a silent peer (a NAT or load balancer that lost its state, a
+/// hung server) has usually silenced the idle ones too, and checking each on checkout would
+/// cost a check timeout apiece, where connecting anew costs one round trip. After the server
+/// refused a write as read-only: the sessions were made on a standby (or with
+/// `default_transaction_read_only`, which a session keeps from its start), and only new
+/// ones can reach the primary the address now points to.
+pub fn forget_idle(pool: &Pool, why: &str) {
     let removed = pool.retain(|_, _| false).removed.len();
     tracing::warn!(
         closed_idle = removed,
-        "a PostgreSQL operation timed out; its connection and the pool's idle ones are given up"
+        "{why}; its connection and the pool's idle ones are given up"
     );
     crate::telemetry::metrics()
         .connections_replaced
@@ -146,16 +149,20 @@ pub fn forget_idle(pool: &Pool) {
 }
 
 /// What a loop does with its pool after a failure: when a PostgreSQL operation ran out of
-/// time, its idle connections go too (see [`forget_idle`]).
+/// time, or the server refused a write as read-only, the idle connections go too (see
+/// [`forget_idle`]); the failed operation's own connection was closed with its transaction.
 pub fn after_failure(pool: &Pool, error: &crate::error::Error) {
-    if matches!(
-        error,
+    match error {
         crate::error::Error::Timeout {
             server: "PostgreSQL",
             ..
+        } => forget_idle(pool, "a PostgreSQL operation timed out"),
+        crate::error::Error::Postgres { source, .. }
+            if source.code() == Some(&SqlState::READ_ONLY_SQL_TRANSACTION) =>
+        {
+            forget_idle(pool, "PostgreSQL refused a write (read-only session)")
         }
-    ) {
-        forget_idle(pool);
+        _ => {}
     }
 }
 
@@ -179,6 +186,8 @@ pub async fn connect_dedicated(
 /// connection never goes back to the pool in the middle of a transaction.
 pub struct OpenTransaction {
     client: Option<deadpool_postgres::Object>,
+    /// Close the connection when the transaction ends instead of pooling it.
+    close_when_done: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for OpenTransaction {
@@ -194,7 +203,16 @@ impl OpenTransaction {
     pub fn new(client: deadpool_postgres::Object) -> OpenTransaction {
         OpenTransaction {
             client: Some(client),
+            close_when_done: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// The connection is closed when the transaction ends, not pooled: for a transaction that
+    /// carried large messages, whose buffers the connection would otherwise keep (tokio-postgres
+    /// never shrinks them) for as long as it lives in the pool.
+    pub fn close_when_done(&self) {
+        self.close_when_done
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The connection, for the transaction's statements.
@@ -223,7 +241,16 @@ impl OpenTransaction {
     /// Ends the transaction; the connection goes back to the pool only if that worked.
     async fn end(mut self, statement: &str) -> Result<(), tokio_postgres::Error> {
         self.client().batch_execute(statement).await?;
-        self.client = None;
+        match self.client.take() {
+            Some(client)
+                if self
+                    .close_when_done
+                    .load(std::sync::atomic::Ordering::Relaxed) =>
+            {
+                drop(deadpool_postgres::Object::take(client))
+            }
+            _ => {} // back to the pool
+        }
         Ok(())
     }
 }

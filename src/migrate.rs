@@ -114,18 +114,45 @@ pub fn targets_for(config: &Config, database: &str) -> Vec<Target> {
     all
 }
 
+/// The bound of one migration step, and of the wait for another `migrate` run's lock: a
+/// step may create an index on, or rewrite, a large existing table, which takes far longer
+/// than any statement of the daemon. The other statements get the database's query timeout,
+/// so a server that does not answer at all is found within seconds.
+pub const STEP_BOUND: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Applies every pending step in every configured database.
 pub async fn migrate(config: &Config) -> Result<Report> {
     let mut report = Report::default();
     for (name, db) in &config.databases {
         let pg = crate::db::pg_config(name, db)?;
-        let (mut client, connection) = crate::db::connect_dedicated(&pg)
-            .await
-            .map_err(Error::pg(format!("connecting to database {name}")))?;
+        let (mut client, connection) = crate::db::bounded(
+            db.query_timeout().max(std::time::Duration::from_secs(1)),
+            &format!("connecting to database {name}"),
+            async {
+                crate::db::connect_dedicated(&pg)
+                    .await
+                    .map_err(Error::pg(format!("connecting to database {name}")))
+            },
+        )
+        .await?;
         let driver = tokio::spawn(connection);
-        let result = migrate_one(&mut client, name, &targets_for(config, name), &mut report).await;
+        let result = migrate_one(
+            &mut client,
+            name,
+            db.query_timeout(),
+            &targets_for(config, name),
+            &mut report,
+        )
+        .await;
         drop(client);
-        let _ = driver.await;
+        // The connection ends once the client is gone; one given up on a timeout may never.
+        let abort = driver.abort_handle();
+        if tokio::time::timeout(std::time::Duration::from_secs(1), driver)
+            .await
+            .is_err()
+        {
+            abort.abort();
+        }
         result?;
     }
     Ok(report)
@@ -134,47 +161,62 @@ pub async fn migrate(config: &Config) -> Result<Report> {
 async fn migrate_one(
     client: &mut tokio_postgres::Client,
     database: &str,
+    bound: std::time::Duration,
     targets: &[Target],
     report: &mut Report,
 ) -> Result<()> {
+    use crate::db::bounded;
     let ctx = |what: &str| format!("migrating database {database}: {what}");
-    let tx = client
-        .transaction()
-        .await
-        .map_err(Error::pg(ctx("begin")))?;
+    let tx = bounded(bound, &ctx("begin"), async {
+        client.transaction().await.map_err(Error::pg(ctx("begin")))
+    })
+    .await?;
     // Serialises concurrent `migrate` runs on this database; released at commit.
-    tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtext('outboxd.migrate'))",
-        &[],
-    )
-    .await
-    .map_err(Error::pg(ctx("advisory lock")))?;
-    tx.batch_execute(LEDGER)
+    bounded(STEP_BOUND, &ctx("advisory lock"), async {
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('outboxd.migrate'))",
+            &[],
+        )
         .await
-        .map_err(Error::pg(ctx("outboxd_migrations")))?;
+        .map_err(Error::pg(ctx("advisory lock")))
+    })
+    .await?;
+    bounded(bound, &ctx("outboxd_migrations"), async {
+        tx.batch_execute(LEDGER)
+            .await
+            .map_err(Error::pg(ctx("outboxd_migrations")))
+    })
+    .await?;
     for target in targets {
         for (version, name, sql) in &target.steps {
-            let done = tx
-                .query_opt(
+            let done = bounded(bound, &ctx("reading outboxd_migrations"), async {
+                tx.query_opt(
                     "SELECT 1 FROM outboxd_migrations WHERE target = $1 AND version = $2",
                     &[&target.key, version],
                 )
                 .await
-                .map_err(Error::pg(ctx("reading outboxd_migrations")))?
-                .is_some();
+                .map_err(Error::pg(ctx("reading outboxd_migrations")))
+            })
+            .await?
+            .is_some();
             if done {
                 report.already += 1;
                 continue;
             }
-            tx.batch_execute(sql)
+            let step = ctx(&format!("{} version {version}", target.key));
+            bounded(STEP_BOUND, &step, async {
+                tx.batch_execute(sql).await.map_err(Error::pg(step.clone()))
+            })
+            .await?;
+            bounded(bound, &ctx("recording the migration"), async {
+                tx.execute(
+                    "INSERT INTO outboxd_migrations (target, version, name) VALUES ($1, $2, $3)",
+                    &[&target.key, version, name],
+                )
                 .await
-                .map_err(Error::pg(ctx(&format!("{} version {version}", target.key))))?;
-            tx.execute(
-                "INSERT INTO outboxd_migrations (target, version, name) VALUES ($1, $2, $3)",
-                &[&target.key, version, name],
-            )
-            .await
-            .map_err(Error::pg(ctx("recording the migration")))?;
+                .map_err(Error::pg(ctx("recording the migration")))
+            })
+            .await?;
             report.applied.push((
                 database.to_string(),
                 target.key.clone(),
@@ -183,6 +225,9 @@ async fn migrate_one(
             ));
         }
     }
-    tx.commit().await.map_err(Error::pg(ctx("commit")))?;
+    bounded(bound, &ctx("commit"), async {
+        tx.commit().await.map_err(Error::pg(ctx("commit")))
+    })
+    .await?;
     Ok(())
 }

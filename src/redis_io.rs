@@ -110,6 +110,21 @@ impl Managed {
         }
     }
 
+    /// A new connection in place of the current one, which goes when the commands in flight
+    /// on it are done.
+    fn renew(&self) {
+        let Ok(mut current) = self.inner.current.lock() else {
+            return;
+        };
+        match ConnectionManager::new_lazy_with_config(
+            self.inner.client.clone(),
+            self.inner.config.clone(),
+        ) {
+            Ok(manager) => *current = (current.0 + 1, manager),
+            Err(e) => tracing::warn!(error = %e, "could not make a new Redis connection manager"),
+        }
+    }
+
     /// Gives up the connection of `generation` after a timeout on it.
     fn replace(&self, generation: u64) {
         let Ok(mut current) = self.inner.current.lock() else {
@@ -182,6 +197,11 @@ impl LazyCluster {
         Ok((generation, conn))
     }
 
+    /// Drops the cluster connection; the next command makes a new one.
+    async fn renew(&self) {
+        *self.inner.slot.lock().await = None;
+    }
+
     async fn forget(&self, generation: u64) {
         let mut slot = self.inner.slot.lock().await;
         if slot.as_ref().is_some_and(|(g, _)| *g == generation) {
@@ -193,6 +213,21 @@ impl LazyCluster {
                 .connections_replaced
                 .with_label_values(&["redis"])
                 .inc();
+        }
+    }
+}
+
+impl Conn {
+    /// Replaces the shared connection after it carried large messages: redis-rs keeps a
+    /// connection's buffers at the largest size they ever reached, for as long as it lives,
+    /// so without this each large batch would leave megabytes behind for good. Commands in
+    /// flight on the old connection finish there. A dedicated connection's owner drops it
+    /// instead.
+    pub async fn renew(&self) {
+        match self {
+            Conn::Managed(managed) => managed.renew(),
+            Conn::Dedicated(_) => {}
+            Conn::Cluster(lazy) => lazy.renew().await,
         }
     }
 }

@@ -4,10 +4,12 @@
 //! producers write. One after another: every Redis connection frozen, every PostgreSQL
 //! connection frozen (with `/healthz` failing while a loop is wedged, then recovering), only
 //! the LISTEN connections frozen, only the blocking-read connections frozen, Redis at its
-//! `maxmemory` with `noeviction`, and Redis paused (SIGSTOP) while operator commands run
-//! against it. Frozen connections stay frozen: outboxd must give them up and make new ones.
-//! Each scenario prints the seconds until work resumed (default settings: at most 15 s);
-//! afterwards the usual checks prove that nothing was lost, applied twice or reordered.
+//! `maxmemory` with `noeviction`, PostgreSQL refusing writes (read-only), then Redis and
+//! PostgreSQL each paused (SIGSTOP) while operator commands run against them. A test of its
+//! own freezes one node of a Redis Cluster. Frozen connections stay frozen: outboxd must give
+//! them up and make new ones. Each scenario prints the seconds until work resumed (default
+//! settings: at most 15 s); afterwards the usual checks prove that nothing was lost, applied
+//! twice or reordered.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -259,7 +261,53 @@ async fn silent_connections_are_given_up_and_work_resumes() {
         resumed(&orders, freed, Duration::ZERO).await,
     ));
 
-    // 6. Redis stops answering altogether (SIGSTOP): operator commands fail within their
+    // 6. PostgreSQL refuses writes: the orders database turns read-only and every outboxd
+    //    session on it is cut, so the new ones land read-only (as on a standby after a
+    //    failover moved the address). 4 s later writes are allowed again, but only to new
+    //    sessions (a session keeps `default_transaction_read_only` from its start): outboxd
+    //    must give up its read-only connections by itself.
+    let orders_db = setup.orders_url.rsplit('/').next().unwrap().to_string();
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{orders_db}\" SET default_transaction_read_only = on"
+        ))
+        .await
+        .unwrap();
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE datname = $1 AND application_name = 'outboxd'",
+            &[&orders_db],
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let while_read_only = applied(&orders).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        applied(&orders).await,
+        while_read_only,
+        "nothing is applied while the orders database is read-only"
+    );
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{orders_db}\" RESET default_transaction_read_only"
+        ))
+        .await
+        .unwrap();
+    let writable = Instant::now();
+    report.push((
+        "PostgreSQL read-only for 4 s (from the moment it takes writes)",
+        resumed(&orders, writable, Duration::ZERO).await,
+    ));
+    let logs = std::fs::read_to_string(dir.join("a.log")).unwrap()
+        + &std::fs::read_to_string(dir.join("b.log")).unwrap();
+    assert!(
+        logs.contains("read-only transaction"),
+        "the warnings name the cause"
+    );
+
+    // 7. Redis stops answering altogether (SIGSTOP): operator commands fail within their
     //    bound, naming Redis, instead of hanging; the daemons carry on after SIGCONT.
     redis.pause();
     let started = Instant::now();
@@ -286,6 +334,37 @@ async fn silent_connections_are_given_up_and_work_resumes() {
     let fault = Instant::now();
     report.push((
         "Redis paused, then resumed",
+        resumed(&orders, fault, Duration::ZERO).await,
+    ));
+
+    // 8. PostgreSQL stops answering altogether (every process of it SIGSTOPped): operator
+    //    commands fail within their bound, naming PostgreSQL; the daemons carry on after
+    //    SIGCONT.
+    pg.pause();
+    let mut pg_commands: Vec<(&str, f64)> = Vec::new();
+    for args in [
+        &["status", "--json"][..],
+        &["dlq", "list"][..],
+        &["inbox", "prune", "--older-than", "30d"][..],
+        &["migrate"][..],
+    ] {
+        let started = Instant::now();
+        let mut full = vec!["--config", cfg_b_s.as_str()];
+        full.extend_from_slice(args);
+        let (code, out, err) = run_bin(&full, &[]);
+        let secs = started.elapsed().as_secs_f64();
+        assert_eq!(code, 1, "{args:?} against a silent PostgreSQL: {out}{err}");
+        assert!(
+            err.contains("PostgreSQL"),
+            "{args:?} names the server: {err}"
+        );
+        assert!(secs < 30.0, "{args:?} took {secs:.1} s");
+        pg_commands.push((args[0], secs));
+    }
+    pg.resume();
+    let fault = Instant::now();
+    report.push((
+        "PostgreSQL paused, then resumed",
         resumed(&orders, fault, Duration::ZERO).await,
     ));
 
@@ -325,6 +404,14 @@ async fn silent_connections_are_given_up_and_work_resumes() {
         "no hang: operator commands against a paused Redis: status --json exit 1 after \
          {status_secs:.1} s, relay --once --give-up-after 3s exit 1 after {relay_secs:.1} s"
     );
+    let pg_commands: Vec<String> = pg_commands
+        .iter()
+        .map(|(command, secs)| format!("{command} exit 1 after {secs:.1} s"))
+        .collect();
+    println!(
+        "no hang: operator commands against a paused PostgreSQL: {}",
+        pg_commands.join(", ")
+    );
     println!(
         "no hang: {} events ({} orders), {} stream duplicates, settled in {settled:.1} s; \
          exactly once: ok; out-of-order entries: {}",
@@ -338,4 +425,74 @@ async fn silent_connections_are_given_up_and_work_resumes() {
     }
     assert!(status_secs < 30.0, "status took {status_secs:.1} s");
     assert!(relay_secs < 30.0, "relay --once took {relay_secs:.1} s");
+}
+
+/// One node of a Redis Cluster goes silent (its live connections frozen; new ones are
+/// answered): the cluster connection that waited on it is given up and made anew, and work
+/// resumes on every shard, the silent node's included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_redis_cluster_node_is_given_up_and_work_resumes() {
+    let (cluster, proxies) = PrivateRedisCluster::behind_proxies();
+    let fulfillment = TestDb::new("nohang_cluster_f").await;
+    let orders_db = TestDb::new("nohang_cluster_o").await;
+    let setup = Setup {
+        fulfillment_url: fulfillment.url.clone(),
+        orders_url: orders_db.url.clone(),
+        redis_url: String::new(),
+        redis_cluster: cluster.urls(),
+        prefix: format!("{}:", unique("nohang_cluster")),
+        orders: 600,
+        partitions: 6,
+    };
+    let cfg = write_config(
+        "nohang_cluster",
+        &setup.config(&PrivateRedisCluster::proxied_toml(&proxies), ""),
+    );
+    outboxd(&cfg, &["migrate"]);
+    setup.prepare().await;
+    let dir = cfg.parent().unwrap().to_path_buf();
+    let mut daemon = spawn_bin(
+        &["--config", cfg.to_str().unwrap(), "run"],
+        &dir.join("run.log"),
+    );
+    let producers = setup.start_producers(seed("OUTBOXD_FAULT_SEED"), 120);
+    let orders = pg_connect(&setup.orders_url).await;
+    wait_until("work under way", Duration::from_secs(60), || async {
+        applied(&orders).await > 20
+    })
+    .await;
+    // the node holding the most of the topic's partition streams goes silent
+    let per_node = cluster.keys_per_node(&setup.prefix);
+    let silent = (0..per_node.len()).max_by_key(|&i| per_node[i]).unwrap();
+    assert!(per_node[silent] > 0, "{per_node:?}");
+    let accepted_before = proxies[silent].accepted();
+    let fault = Instant::now();
+    proxies[silent].freeze();
+    let secs = resumed(&orders, fault, Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let committed = producers.stop().await;
+    // settling needs every partition, the silent node's too: outboxd made new connections
+    // to it (the frozen ones stay frozen for good)
+    let settled = setup
+        .wait_settled(Duration::from_secs(120))
+        .await
+        .unwrap_or_else(|state| panic!("not settled within 120 s: {state}"));
+    assert!(
+        proxies[silent].accepted() > accepted_before,
+        "new connections to the silent node"
+    );
+    assert!(daemon.try_wait().unwrap().is_none(), "run is still running");
+    sigterm(&daemon);
+    assert!(daemon.wait().unwrap().success(), "run exits 0");
+    let verdict = setup.verify(committed).await;
+    println!(
+        "no hang: one Redis Cluster node frozen (keys per node {per_node:?}): work resumed after \
+         {secs:.1} s; {} events, settled in {settled:.1} s; exactly once: ok; out-of-order \
+         entries: {}",
+        verdict.events, verdict.out_of_order
+    );
+    assert!(
+        secs <= RESUME_WITHIN.as_secs_f64(),
+        "work resumed only after {secs:.1} s"
+    );
 }

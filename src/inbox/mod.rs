@@ -358,13 +358,7 @@ RETURNING event_id"
         if entries.is_empty() {
             return Ok(tally);
         }
-        let large = entries.iter().any(|e| {
-            e.fields
-                .iter()
-                .map(|(k, v)| k.len() + v.len())
-                .sum::<usize>()
-                >= crate::large_work::LARGE_EVENT_BYTES
-        });
+        let large = carries_large_entries(&entries);
         let _large_work = if large {
             Some(crate::large_work::lock().await)
         } else {
@@ -564,6 +558,10 @@ RETURNING event_id"
                 tx.commit().await.map_err(Error::pg(ctx.clone()))
             })
             .await?;
+            if large {
+                // closed, not pooled: it would keep buffers this large for as long as it lives
+                drop(deadpool_postgres::Object::take(client));
+            }
             tally.duplicate = duplicates.len() as u64;
             break;
         }
@@ -590,6 +588,10 @@ RETURNING event_id"
             .map_err(xack)?
         {
             reply.map_err(xack)?;
+        }
+        if large {
+            // the shared connection may have carried them (pending and claimed entries)
+            conn.renew().await;
         }
 
         // Failures: permanent ones now, retryable ones when out of deliveries.
@@ -790,7 +792,7 @@ RETURNING event_id"
                     );
                 }
                 let Some(blocking) = blocking.as_mut() else {
-                    return Ok(());
+                    return Ok(false);
                 };
                 let client_id = blocking.client_id;
                 let conn = &mut blocking.conn;
@@ -829,7 +831,7 @@ RETURNING event_id"
                             if let Some(client_id) = client_id {
                                 if let Err(e) = self.redis.unblock(client_id).await {
                                     tracing::warn!(consumer = %self.config.name, error = %crate::error::chain(&e), "could not wake the blocking read; leaving its entries to the next start");
-                                    return Ok(());
+                                    return Ok(false);
                                 }
                             }
                             read.await?
@@ -845,12 +847,18 @@ RETURNING event_id"
                     let more = self.read_new(conn, batch - entries.len(), None).await?;
                     entries.extend(more);
                 }
+                let large = carries_large_entries(&entries);
                 self.process(entries, true).await?;
-                Ok::<(), Error>(())
+                Ok::<bool, Error>(large)
             };
             let result = step.await;
             match result {
-                Ok(()) => {
+                Ok(large) => {
+                    if large {
+                        // a new one next round: this one keeps buffers as large as its
+                        // largest reply for as long as it lives
+                        blocking = None;
+                    }
                     watch.done();
                     backoff.reset()
                 }
@@ -1074,6 +1082,17 @@ pub async fn consume_once(
         );
     }
     Ok(())
+}
+
+/// Whether any of `entries` is large (see [`crate::large_work`]).
+fn carries_large_entries(entries: &[Entry]) -> bool {
+    entries.iter().any(|e| {
+        e.fields
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
+            >= crate::large_work::LARGE_EVENT_BYTES
+    })
 }
 
 #[cfg(test)]

@@ -157,19 +157,24 @@ pub async fn quarantined(
         let Some(pool) = pools.get(&relay.database) else {
             continue;
         };
-        let client = pool
-            .get()
-            .await
-            .map_err(Error::pool("dlq: quarantined rows"))?;
         let sql = format!(
             "SELECT id, topic, aggregate_id, attempts, last_error FROM {} WHERE quarantined_at IS NOT NULL ORDER BY id LIMIT 10000",
             crate::db::quote_qualified(&relay.table)
         );
-        for row in client
-            .query(&sql, &[])
-            .await
-            .map_err(Error::pg("dlq: quarantined rows"))?
-        {
+        let ctx = format!(
+            "dlq: quarantined rows of {}.{}",
+            relay.database, relay.table
+        );
+        let bound = config.database(&relay.database)?.query_timeout();
+        let rows = crate::db::bounded(bound, &ctx, async {
+            let client = pool.get().await.map_err(Error::pool(ctx.clone()))?;
+            client
+                .query(&sql, &[])
+                .await
+                .map_err(Error::pg(ctx.clone()))
+        })
+        .await?;
+        for row in rows {
             let q = QuarantinedRow {
                 relay: format!("{}.{}", relay.database, relay.table),
                 id: row.get(0),
@@ -250,17 +255,22 @@ pub async fn act_on_row(
     let pool = pools
         .get(&relay.database)
         .ok_or_else(|| Error::Other(format!("database {} not configured", relay.database)))?;
-    let client = pool.get().await.map_err(Error::pool("dlq"))?;
     let table = crate::db::quote_qualified(&relay.table);
     let sql = if retry {
         format!("UPDATE {table} SET quarantined_at = NULL, attempts = 0 WHERE id = $1 AND quarantined_at IS NOT NULL")
     } else {
         format!("DELETE FROM {table} WHERE id = $1 AND quarantined_at IS NOT NULL")
     };
-    client
-        .execute(&sql, &[&row.id])
-        .await
-        .map_err(Error::pg(format!("dlq: row {} of {}", row.id, row.relay)))
+    let ctx = format!("dlq: row {} of {}", row.id, row.relay);
+    let bound = config.database(&relay.database)?.query_timeout();
+    crate::db::bounded(bound, &ctx, async {
+        let client = pool.get().await.map_err(Error::pool(ctx.clone()))?;
+        client
+            .execute(&sql, &[&row.id])
+            .await
+            .map_err(Error::pg(ctx.clone()))
+    })
+    .await
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

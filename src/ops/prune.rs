@@ -8,13 +8,15 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use std::time::Duration;
 
-/// Deletes rows of one consumer older than `older_than`; returns how many.
+/// Deletes rows of one consumer older than `older_than`, `batch` rows per statement, each
+/// statement bounded by `bound`; returns how many.
 pub async fn prune_consumer(
     client: &tokio_postgres::Client,
     inbox_table: &str,
     consumer: &str,
     older_than: Duration,
     batch: u32,
+    bound: Duration,
 ) -> Result<u64> {
     let sql = format!(
         "DELETE FROM {inbox} WHERE ctid = ANY(ARRAY(
@@ -23,19 +25,23 @@ pub async fn prune_consumer(
             LIMIT $3))",
         inbox = crate::db::quote_qualified(inbox_table)
     );
-    let statement = client
-        .prepare(&sql)
-        .await
-        .map_err(Error::pg(format!("inbox prune {consumer}")))?;
+    let ctx = format!("inbox prune {consumer}");
+    let statement = crate::db::bounded(bound, &ctx, async {
+        client.prepare(&sql).await.map_err(Error::pg(ctx.clone()))
+    })
+    .await?;
     let mut total = 0;
     loop {
-        let n = client
-            .execute(
-                &statement,
-                &[&consumer, &older_than.as_secs_f64(), &i64::from(batch)],
-            )
-            .await
-            .map_err(Error::pg(format!("inbox prune {consumer}")))?;
+        let n = crate::db::bounded(bound, &ctx, async {
+            client
+                .execute(
+                    &statement,
+                    &[&consumer, &older_than.as_secs_f64(), &i64::from(batch)],
+                )
+                .await
+                .map_err(Error::pg(ctx.clone()))
+        })
+        .await?;
         total += n;
         if n < u64::from(batch) {
             return Ok(total);
@@ -52,11 +58,13 @@ pub async fn run(config: &Config, older_than: Duration, batch: u32) -> Result<()
         let pool = pools
             .get(&c.database)
             .ok_or_else(|| Error::Other(format!("database {} is not configured", c.database)))?;
-        let client = pool
-            .get()
-            .await
-            .map_err(Error::pool(format!("inbox prune {}", c.name)))?;
-        let n = prune_consumer(&client, &c.inbox_table, &c.name, older_than, batch).await?;
+        let bound = config.database(&c.database)?.query_timeout();
+        let ctx = format!("inbox prune {}", c.name);
+        let client = crate::db::bounded(bound, &ctx, async {
+            pool.get().await.map_err(Error::pool(ctx.clone()))
+        })
+        .await?;
+        let n = prune_consumer(&client, &c.inbox_table, &c.name, older_than, batch, bound).await?;
         crate::outln!(
             "inbox prune: consumer {}: {n} rows older than {}s deleted from {}.{}",
             c.name,

@@ -76,11 +76,12 @@ pub async fn replay(
         .iter()
         .filter(|r| r.config().archive_retention_hours > 0)
     {
-        let client = relay
-            .pool()
-            .get()
-            .await
-            .map_err(Error::pool(format!("replay {}", relay.name())))?;
+        let bound = config.database(&relay.config().database)?.query_timeout();
+        let ctx = format!("replay {}: reading the archive", relay.name());
+        let client = crate::db::bounded(bound, &ctx, async {
+            relay.pool().get().await.map_err(Error::pool(ctx.clone()))
+        })
+        .await?;
         let archive = quote_qualified(&crate::migrate::archive_table(&relay.config().table));
         let sql = format!(
             "SELECT id, event_id::text, aggregate_id, payload::text, headers->>'traceparent',
@@ -93,13 +94,13 @@ pub async fn replay(
         let mut count = 0u64;
         let mut buf = Vec::new();
         loop {
-            let rows = client
-                .query(&sql, &[&topic, &epoch(since), &epoch(until), &after])
-                .await
-                .map_err(Error::pg(format!(
-                    "replay {}: reading the archive",
-                    relay.name()
-                )))?;
+            let rows = crate::db::bounded(bound, &ctx, async {
+                client
+                    .query(&sql, &[&topic, &epoch(since), &epoch(until), &after])
+                    .await
+                    .map_err(Error::pg(ctx.clone()))
+            })
+            .await?;
             let Some(last) = rows.last() else { break };
             after = last.get(0);
             let mut commands = Vec::with_capacity(rows.len());

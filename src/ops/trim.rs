@@ -184,13 +184,18 @@ pub async fn maintain_forever(
                 continue;
             };
             let result = async {
-                let client = pool.get().await.map_err(Error::pool("inbox prune"))?;
+                let bound = config.database(&c.database)?.query_timeout();
+                let client = crate::db::bounded(bound, "inbox prune", async {
+                    pool.get().await.map_err(Error::pool("inbox prune"))
+                })
+                .await?;
                 crate::ops::prune::prune_consumer(
                     &client,
                     &c.inbox_table,
                     &c.name,
                     std::time::Duration::from_secs(c.inbox_retention_hours.saturating_mul(3600)),
                     5000,
+                    bound,
                 )
                 .await
             };

@@ -459,6 +459,10 @@ impl Relay {
             usize::try_from(rows[i].get::<_, i32>(8)).unwrap_or(0)
                 >= crate::large_work::LARGE_EVENT_BYTES
         });
+        if holds_large {
+            // its connections would keep buffers this large for as long as they live
+            tx.close_when_done();
+        }
         let _large_work = if holds_large {
             Some(crate::large_work::lock().await)
         } else {
@@ -668,6 +672,9 @@ impl Relay {
             delete_fut,
             publish::publish(&mut conn, &entries, &entry_aggregates)
         );
+        if holds_large {
+            conn.renew().await;
+        }
         let results = results?;
         deleted?;
         let mut per_topic: HashMap<&str, u64> = HashMap::new();
@@ -809,20 +816,25 @@ impl Relay {
             .collect()
     }
 
-    /// Deletes archived rows older than the retention, in batches; returns how many.
+    /// Deletes archived rows older than the retention, in batches of 5,000 (each statement
+    /// bounded by the query timeout); returns how many.
     pub async fn prune_archive(&self) -> Result<u64> {
-        let client = self
-            .pool
-            .get()
-            .await
-            .map_err(Error::pool(self.ctx("getting a connection")))?;
+        let bound = self.pg.query_timeout;
+        let ctx = self.ctx("pruning the archive");
+        let client = crate::db::bounded(bound, &ctx, async {
+            self.pool.get().await.map_err(Error::pool(ctx.clone()))
+        })
+        .await?;
         let hours = i32::try_from(self.config.archive_retention_hours).unwrap_or(i32::MAX);
         let mut total = 0;
         loop {
-            let n = client
-                .execute(&self.sql.prune_archive, &[&hours, &5000_i64])
-                .await
-                .map_err(Error::pg(self.ctx("pruning the archive")))?;
+            let n = crate::db::bounded(bound, &ctx, async {
+                client
+                    .execute(&self.sql.prune_archive, &[&hours, &5000_i64])
+                    .await
+                    .map_err(Error::pg(ctx.clone()))
+            })
+            .await?;
             total += n;
             if n < 5000 {
                 return Ok(total);

@@ -491,6 +491,17 @@ pub fn free_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
+/// A free port for a Redis Cluster node: its bus listens 10,000 above it, so it must be at
+/// most 55535 (Redis refuses to start otherwise), and the bus port must be free too.
+pub fn free_cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port <= 55535 && std::net::TcpListener::bind(("127.0.0.1", port + 10000)).is_ok() {
+            return port;
+        }
+    }
+}
+
 /// Runs the binary with `--config cfg`, requires exit 0 and no panic, returns stdout.
 pub fn outboxd(cfg: &std::path::Path, args: &[&str]) -> String {
     let mut all = vec!["--config", cfg.to_str().unwrap()];
@@ -675,6 +686,53 @@ impl PrivatePg {
     pub fn stop(&self) {
         self.pg_ctl(&["stop", "-m", "immediate"]);
     }
+
+    /// Stops every process of the cluster (SIGSTOP: the postmaster first, so it forks no
+    /// more, then its backends and helpers): connections stay open and the kernel still
+    /// accepts new ones, but nothing answers, as with a hung server.
+    pub fn pause(&self) {
+        let postmaster = self.postmaster_pid();
+        unsafe_free_kill(postmaster, "STOP");
+        for child in children_of(postmaster) {
+            unsafe_free_kill(child, "STOP");
+        }
+    }
+
+    /// SIGCONT after `pause`.
+    pub fn resume(&self) {
+        let postmaster = self.postmaster_pid();
+        for child in children_of(postmaster) {
+            unsafe_free_kill(child, "CONT");
+        }
+        unsafe_free_kill(postmaster, "CONT");
+    }
+
+    fn postmaster_pid(&self) -> u32 {
+        let text = std::fs::read_to_string(self.dir.join("postmaster.pid")).unwrap();
+        text.lines().next().unwrap().trim().parse().unwrap()
+    }
+}
+
+/// The pids whose parent is `parent` (from /proc).
+fn children_of(parent: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ...": comm may hold spaces, so split after the last ')'
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(parent) {
+            out.push(pid);
+        }
+    }
+    out
 }
 
 impl Drop for PrivatePg {
@@ -701,6 +759,35 @@ pub struct PrivateRedisCluster {
 
 impl PrivateRedisCluster {
     pub fn start() -> PrivateRedisCluster {
+        PrivateRedisCluster::start_announcing(|_| None)
+    }
+
+    /// A cluster whose clients reach each node only through a fault proxy of its own: each
+    /// node announces its proxy's port (`cluster-announce-port`), so the slot map a client
+    /// fetches sends it through the proxies; the cluster bus stays direct. Connect with
+    /// [`PrivateRedisCluster::proxied_toml`].
+    pub fn behind_proxies() -> (PrivateRedisCluster, Vec<proxy::FaultProxy>) {
+        let mut proxies = Vec::new();
+        let cluster = PrivateRedisCluster::start_announcing(|port| {
+            let proxy = proxy::FaultProxy::start(port);
+            let announced = proxy.port;
+            proxies.push(proxy);
+            Some(announced)
+        });
+        (cluster, proxies)
+    }
+
+    /// `cluster = [...]` through the given proxies (see [`PrivateRedisCluster::behind_proxies`]).
+    pub fn proxied_toml(proxies: &[proxy::FaultProxy]) -> String {
+        let urls: Vec<String> = proxies
+            .iter()
+            .map(|p| format!("\"{}\"", p.redis_url()))
+            .collect();
+        format!("cluster = [{}]", urls.join(", "))
+    }
+
+    /// `announce(port)`: the port a node on `port` tells clients to use, if not its own.
+    fn start_announcing(mut announce: impl FnMut(u16) -> Option<u16>) -> PrivateRedisCluster {
         let dir = std::env::temp_dir().join(unique("outboxd_cluster"));
         let mut cluster = PrivateRedisCluster {
             ports: Vec::new(),
@@ -708,10 +795,22 @@ impl PrivateRedisCluster {
             children: Vec::new(),
         };
         for _ in 0..3 {
-            let port = free_port();
+            let port = free_cluster_port();
             let node_dir = cluster.dir.join(port.to_string());
             std::fs::create_dir_all(&node_dir).unwrap();
+            let announced = match announce(port) {
+                Some(announced) => vec![
+                    "--cluster-announce-ip".to_string(),
+                    "127.0.0.1".to_string(),
+                    "--cluster-announce-port".to_string(),
+                    announced.to_string(),
+                    "--cluster-announce-bus-port".to_string(),
+                    (u32::from(port) + 10000).to_string(),
+                ],
+                None => Vec::new(),
+            };
             let child = Command::new("redis-server")
+                .args(announced)
                 .args([
                     "--port",
                     &port.to_string(),
