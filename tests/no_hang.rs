@@ -341,12 +341,14 @@ async fn silent_connections_are_given_up_and_work_resumes() {
     //    commands fail within their bound, naming PostgreSQL; the daemons carry on after
     //    SIGCONT.
     pg.pause();
-    let mut pg_commands: Vec<(&str, f64)> = Vec::new();
+    let mut pg_commands: Vec<(String, f64)> = Vec::new();
     for args in [
         &["status", "--json"][..],
         &["dlq", "list"][..],
         &["inbox", "prune", "--older-than", "30d"][..],
         &["migrate"][..],
+        &["relay", "--once", "--give-up-after", "3s"][..],
+        &["consume", "--once", "--give-up-after", "3s"][..],
     ] {
         let started = Instant::now();
         let mut full = vec!["--config", cfg_b_s.as_str()];
@@ -359,7 +361,7 @@ async fn silent_connections_are_given_up_and_work_resumes() {
             "{args:?} names the server: {err}"
         );
         assert!(secs < 30.0, "{args:?} took {secs:.1} s");
-        pg_commands.push((args[0], secs));
+        pg_commands.push((args.join(" "), secs));
     }
     pg.resume();
     let fault = Instant::now();
