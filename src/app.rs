@@ -7,12 +7,8 @@ use crate::cli::{Cli, Command};
 use crate::config::{Config, Overrides};
 use crate::error::{Error, Result};
 use crate::redis_io::Redis;
-use deadpool_postgres::Pool;
-use std::collections::HashMap;
 use std::future::Future;
-use std::io::IsTerminal;
 use std::pin::Pin;
-use std::time::Instant;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -37,7 +33,8 @@ pub async fn execute(cli: Cli) -> Result<()> {
         Command::Relay(args) => {
             let shutdown = crate::shutdown::on_signals();
             if args.once {
-                relay_once(&config, args.wait_held, args.give_up_after, &shutdown).await
+                crate::ops::once::relay_once(&config, args.wait_held, args.give_up_after, &shutdown)
+                    .await
             } else {
                 daemon(&config, true, false, shutdown).await
             }
@@ -45,7 +42,7 @@ pub async fn execute(cli: Cli) -> Result<()> {
         Command::Consume(args) => {
             let shutdown = crate::shutdown::on_signals();
             if args.once {
-                crate::inbox::consume_once(&config, args.give_up_after, &shutdown).await
+                crate::ops::once::consume_once(&config, args.give_up_after, &shutdown).await
             } else {
                 daemon(&config, false, true, shutdown).await
             }
@@ -109,15 +106,6 @@ pub fn load_config(cli: &Cli) -> Result<Config> {
     Ok(Config::load(cli.config.as_deref(), &overrides, &env)?)
 }
 
-/// One pool per configured database.
-pub fn pools(config: &Config) -> Result<HashMap<String, Pool>> {
-    config
-        .databases
-        .iter()
-        .map(|(name, db)| Ok((name.clone(), crate::db::pool(name, db)?)))
-        .collect()
-}
-
 type Loop = Pin<Box<dyn Future<Output = (String, Result<()>)> + Send>>;
 
 /// Runs the configured relays and/or consumers and the HTTP endpoint until a signal (exit 0
@@ -129,7 +117,7 @@ pub async fn daemon(
     consumers: bool,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let pools = pools(config)?;
+    let pools = crate::db::pools(config)?;
     let redis = Redis::for_config(config)?;
     crate::watchdog::set_stuck_after(config.stuck_after());
     let mut loops: Vec<Loop> = Vec::new();
@@ -146,7 +134,7 @@ pub async fn daemon(
         for consumer in crate::inbox::build_all(config, &pools, &redis)? {
             let token = shutdown.clone();
             loops.push(Box::pin(async move {
-                let name = format!("consumer {}", consumer.name());
+                let name = format!("consumer {}", consumer.group());
                 (name, consumer.run(token).await)
             }));
         }
@@ -168,7 +156,10 @@ pub async fn daemon(
     if !config.http.listen.is_empty() {
         let listener = tokio::net::TcpListener::bind(&config.http.listen)
             .await
-            .map_err(|e| Error::Other(format!("http.listen {}: {e}", config.http.listen)))?;
+            .map_err(|source| Error::Listen {
+                address: config.http.listen.clone(),
+                source,
+            })?;
         let readiness = crate::telemetry::Readiness {
             databases: pools.iter().map(|(n, p)| (n.clone(), p.clone())).collect(),
             redis: Some(redis.clone()),
@@ -180,13 +171,13 @@ pub async fn daemon(
             http_token.clone(),
         ));
     }
-    let gauges = tokio::spawn(crate::ops::status::refresh_gauges_forever(
+    let gauges = tokio::spawn(crate::housekeeping::refresh_gauges_forever(
         config.clone(),
         pools.clone(),
         redis.clone(),
         shutdown.child_token(),
     ));
-    let housekeeping = tokio::spawn(crate::ops::trim::maintain_forever(
+    let housekeeping = tokio::spawn(crate::housekeeping::maintain_forever(
         config.clone(),
         pools.clone(),
         redis.clone(),
@@ -208,12 +199,15 @@ pub async fn daemon(
             Some(Ok((_, Ok(())))) => {}
             Some(Ok((name, Err(e)))) => {
                 tracing::error!(%name, error = %crate::error::chain(&e), "loop failed; stopping");
-                failure = Some(Error::Other(format!("{name}: {}", crate::error::chain(&e))));
+                failure = Some(Error::Loop {
+                    name,
+                    source: Box::new(e),
+                });
                 shutdown.cancel();
                 break;
             }
             Some(Err(join)) => {
-                failure = Some(Error::Other(format!("a loop panicked: {join}")));
+                failure = Some(Error::Panicked(join.to_string()));
                 shutdown.cancel();
                 break;
             }
@@ -224,7 +218,10 @@ pub async fn daemon(
         while let Some(joined) = set.join_next().await {
             if let Ok((name, Err(e))) = joined {
                 if failure.is_none() && !e.is_transient() {
-                    failure = Some(Error::Other(format!("{name}: {}", crate::error::chain(&e))));
+                    failure = Some(Error::Loop {
+                        name,
+                        source: Box::new(e),
+                    });
                 }
             }
         }
@@ -241,60 +238,4 @@ pub async fn daemon(
         Some(e) => Err(e),
         None => Ok(()),
     }
-}
-
-/// `relay --once`: every configured relay drained in turn, a progress line on a terminal, and
-/// a summary line per relay (rows, seconds, rows/s, held back with the blocking pids).
-async fn relay_once(
-    config: &Config,
-    wait_held: Option<std::time::Duration>,
-    give_up_after: std::time::Duration,
-    shutdown: &CancellationToken,
-) -> Result<()> {
-    let pools = pools(config)?;
-    let redis = Redis::for_config(config)?;
-    let relays = crate::relay::build_all(config, &pools, &redis)?;
-    if relays.is_empty() {
-        return Err(crate::config::ConfigError::new("relays", "no relay configured").into());
-    }
-    let tty = std::io::stderr().is_terminal();
-    for mut relay in relays {
-        relay.set_give_up_after(give_up_after);
-        let name = relay.name();
-        let mut last = Instant::now();
-        let summary = relay
-            .drain(wait_held, shutdown, |published| {
-                if tty && last.elapsed().as_millis() >= 250 {
-                    last = Instant::now();
-                    eprint!("\rrelay {name}: {published} rows published");
-                }
-            })
-            .await?;
-        if tty {
-            eprintln!();
-        }
-        let held = &summary.held_back;
-        let blockers = if held.blockers.is_empty() {
-            String::new()
-        } else {
-            format!(
-                " (blocking pids: {})",
-                held.blockers
-                    .iter()
-                    .map(|b| format!("{} open {:.1}s", b.pid, b.xact_age_seconds))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        };
-        crate::outln!(
-            "relay {name}: {} rows in {:.3} s ({:.0} rows/s); {} failed, {} quarantined; {} held back by open transactions{blockers}",
-            summary.published,
-            summary.seconds,
-            summary.rate(),
-            summary.failed,
-            summary.quarantined,
-            held.rows,
-        );
-    }
-    Ok(())
 }

@@ -142,7 +142,7 @@ pub fn forget_idle(pool: &Pool, why: &str) {
         closed_idle = removed,
         "{why}; its connection and the pool's idle ones are given up"
     );
-    crate::telemetry::metrics()
+    crate::metrics::metrics()
         .connections_replaced
         .with_label_values(&["postgres"])
         .inc_by(removed as u64 + 1);
@@ -164,6 +164,18 @@ pub fn after_failure(pool: &Pool, error: &crate::error::Error) {
         }
         _ => {}
     }
+}
+
+/// The pools of a process, by database name.
+pub type Pools = std::collections::HashMap<String, Pool>;
+
+/// One pool per configured database.
+pub fn pools(config: &crate::config::Config) -> crate::error::Result<Pools> {
+    config
+        .databases
+        .iter()
+        .map(|(name, db)| Ok((name.clone(), pool(name, db)?)))
+        .collect()
 }
 
 /// A dedicated connection (not from the pool), whose `Connection` half the caller drives.
@@ -285,49 +297,4 @@ pub fn quote_literal(text: &str) -> String {
 /// The last part of `schema.table`.
 pub fn bare_name(name: &str) -> &str {
     name.rsplit('.').next().unwrap_or(name)
-}
-
-/// Whether a database error is worth retrying after a backoff: the server went away or is
-/// starting or shutting down, the connection broke, a deadlock or serialization failure, too
-/// many connections. Anything else (a missing table, a permission, a syntax error, a server
-/// certificate that fails the `sslmode` check) will not cure itself.
-pub fn is_transient(err: &tokio_postgres::Error) -> bool {
-    if crate::tls::is_certificate_error(err) {
-        return false;
-    }
-    if err.is_closed() {
-        return true;
-    }
-    // tokio-postgres has no public kind for a connection string it cannot use as it is (a
-    // server asking for a password the URL does not have, say); its message is stable, and
-    // retrying cannot cure it.
-    if err.code().is_none() && err.to_string().starts_with("invalid configuration") {
-        return false;
-    }
-    match err.code() {
-        None => true, // I/O, timeouts, protocol: the connection, not the statement
-        Some(code) => is_transient_state(code),
-    }
-}
-
-pub fn is_transient_state(code: &SqlState) -> bool {
-    let c = code.code();
-    c.starts_with("08") // connection exception
-        || c.starts_with("53") // insufficient resources
-        || c.starts_with("57P") // admin/crash shutdown, cannot connect now
-        || c == "40001" // serialization failure
-        || c == "40P01" // deadlock detected
-        || c == "55P03" // lock not available
-        || c == "25006" // read-only transaction: a standby after failover
-        || c == "57014" // query cancelled (statement_timeout)
-}
-
-pub fn pool_error_is_transient(err: &deadpool_postgres::PoolError) -> bool {
-    match err {
-        deadpool_postgres::PoolError::Backend(e) => is_transient(e),
-        deadpool_postgres::PoolError::Timeout(_) => true,
-        deadpool_postgres::PoolError::Closed => false,
-        deadpool_postgres::PoolError::NoRuntimeSpecified => false,
-        deadpool_postgres::PoolError::PostCreateHook(_) => true,
-    }
 }

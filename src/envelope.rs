@@ -172,9 +172,70 @@ fn id_of(v: Option<&Value>) -> Result<String, DecodeError> {
     Ok(id)
 }
 
+/// Parses the `YYYY-MM-DDTHH:MM:SS[.fraction](Z|+HH:MM)` times outboxd and most producers
+/// write; anything else is `None` (it only feeds a latency metric and `replay --since`).
+pub fn parse_rfc3339(s: &str) -> Option<std::time::SystemTime> {
+    let b = s.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || (b[10] != b'T' && b[10] != b' ') {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    let mut i = 19;
+    let mut nanos: i64 = 0;
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        let start = i;
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+        let frac = s.get(start..i)?;
+        let digits = frac.len().min(9);
+        nanos = frac.get(..digits)?.parse::<i64>().ok()? * 10_i64.pow((9 - digits) as u32);
+    }
+    let offset = match s.get(i..)? {
+        "Z" | "z" => 0,
+        tz if tz.len() == 6 => {
+            let sign = if tz.starts_with('-') { -1 } else { 1 };
+            sign * (tz.get(1..3)?.parse::<i64>().ok()? * 3600
+                + tz.get(4..6)?.parse::<i64>().ok()? * 60)
+        }
+        _ => return None,
+    };
+    // days from civil (Howard Hinnant's algorithm)
+    let y = if mo <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + h * 3600 + mi * 60 + sec - offset;
+    let secs = u64::try_from(secs).ok()?;
+    Some(
+        std::time::UNIX_EPOCH
+            + std::time::Duration::from_secs(secs)
+            + std::time::Duration::from_nanos(nanos as u64),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc3339() {
+        let t = parse_rfc3339("1970-01-02T00:00:01.5Z").expect("parses");
+        assert_eq!(
+            t,
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(86_401_500)
+        );
+        let t = parse_rfc3339("2026-11-22T08:00:00+01:00").expect("parses");
+        let u = parse_rfc3339("2026-11-22T07:00:00Z").expect("parses");
+        assert_eq!(t, u);
+        assert!(parse_rfc3339("yesterday").is_none());
+    }
 
     #[test]
     fn round_trip() {
@@ -214,7 +275,7 @@ mod tests {
         assert_eq!(s, "2026-11-22T08:07:46.148250Z");
         format_rfc3339_micros(951_782_400.5, &mut s); // leap day 2000
         assert_eq!(s, "2000-02-29T00:00:00.500000Z");
-        let back = crate::inbox::parse_rfc3339(&s).expect("parses");
+        let back = parse_rfc3339(&s).expect("parses");
         assert_eq!(
             back,
             std::time::UNIX_EPOCH + std::time::Duration::from_millis(951_782_400_500)

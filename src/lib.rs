@@ -11,19 +11,29 @@
 //! - [`config`]: TOML + environment, named defaults, `validate()` naming the key.
 //! - [`error`]: the top-level error, transient vs. permanent, exit codes.
 //! - [`shutdown`]: signals -> `CancellationToken`.
-//! - [`db`]: PostgreSQL pools, quoting, SQLSTATE classification.
+//! - [`db`]: PostgreSQL pools (one per database: [`db::pools`]), bounded statements, quoting,
+//!   SQLSTATE classification.
 //! - [`redis_io`]: Redis connections (shared and dedicated), stream keys, error classes.
 //! - [`tls`]: TLS over rustls: libpq's `sslmode` for PostgreSQL, CA files for Redis.
 //! - [`migrate`]: embedded migrations from `sql/migrations`.
-//! - [`envelope`]: CloudEvents encode/decode.
-//! - [`relay`]: outbox -> stream.
+//! - [`envelope`]: CloudEvents encode/decode, and the RFC 3339 times they carry.
+//! - [`fnv`]: the one hash outboxd routes and stores by (FNV-1a).
+//! - [`relay`]: outbox -> stream. The loop in `relay/mod.rs`, one batch in `relay/batch.rs`,
+//!   the batches in flight in `relay/inflight.rs`.
 //! - [`retry`]: backoff and the `--once` drains' budget for transient failures.
-//! - [`inbox`]: stream -> inbox + effect: reading, applying, dead letters.
+//! - [`inbox`]: stream -> inbox + effect. The loop in `inbox/mod.rs`, the consumer's
+//!   transaction in `inbox/apply.rs`, the reads in `inbox/read.rs`.
 //! - [`large_work`]: one batch of large events in memory at a time per process.
-//! - [`handlers`]: what a consumer does with an event (`order_status`, `sql`).
-//! - [`ops`]: the operator commands (`status`, `demo`).
-//! - [`app`]: wiring the commands together.
-//! - [`telemetry`]: metrics and the `/metrics` `/healthz` `/readyz` endpoint.
+//! - [`handlers`]: what a consumer does with an event (`order_status`, `sql`); the order
+//!   transition rules, a pure function, in `handlers/rules.rs`.
+//! - [`ops`]: the operator commands (`status`, `dlq`, `replay`, `inbox prune`, `relay --once`
+//!   and `consume --once` in `ops/once.rs`, `demo`).
+//! - [`housekeeping`]: the daemon's gauges, stream trimming and retention loops.
+//! - [`app`]: wiring the commands together (nothing imports it).
+//! - [`metrics`]: every Prometheus metric, declared once.
+//! - [`events`]: what is both a log line and a metric (a batch failed, a row refused, an
+//!   event retried, skipped or dead-lettered), written once each.
+//! - [`telemetry`]: the `/metrics` `/healthz` `/readyz` endpoint.
 //! - [`watchdog`]: when each loop last made progress; stuck (`/healthz`) or backing off
 //!   (`/readyz`).
 
@@ -47,9 +57,13 @@ pub mod config;
 pub mod db;
 pub mod envelope;
 pub mod error;
+pub mod events;
+pub mod fnv;
 pub mod handlers;
+pub mod housekeeping;
 pub mod inbox;
 pub mod large_work;
+pub mod metrics;
 pub mod migrate;
 pub mod ops;
 pub mod redis_io;

@@ -98,7 +98,7 @@ pub fn targets_for(config: &Config, database: &str) -> Vec<Target> {
     let mut orders_seen = BTreeSet::new();
     for consumer in config.consumers.iter().filter(|c| c.database == database) {
         inboxes.insert(consumer.inbox_table.clone());
-        if consumer.handler == "order_status" {
+        if consumer.moves_orders() {
             outboxes.insert(consumer.outbox_table.clone());
             if orders_seen.insert(consumer.orders.table.clone()) {
                 targets.push(orders_target(consumer));

@@ -16,9 +16,7 @@ use redis::{AsyncConnectionConfig, Client, Cmd, Pipeline, RedisFuture, RedisResu
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How much longer than its block time a blocking read may take before its connection
-/// counts as dead.
-pub const BLOCKING_READ_MARGIN: Duration = Duration::from_secs(5);
+pub use crate::config::BLOCKING_READ_MARGIN;
 
 #[derive(Clone)]
 pub struct Redis {
@@ -140,7 +138,7 @@ impl Managed {
             Ok(manager) => {
                 tracing::warn!("a Redis command timed out; giving up its connection for a new one");
                 *current = (generation + 1, manager);
-                crate::telemetry::metrics()
+                crate::metrics::metrics()
                     .connections_replaced
                     .with_label_values(&["redis"])
                     .inc();
@@ -209,7 +207,7 @@ impl LazyCluster {
                 "a Redis Cluster command timed out; giving up the cluster connection for a new one"
             );
             *slot = None;
-            crate::telemetry::metrics()
+            crate::metrics::metrics()
                 .connections_replaced
                 .with_label_values(&["redis"])
                 .inc();
@@ -564,12 +562,7 @@ fn tcp_settings(response_timeout: Duration) -> redis::io::tcp::TcpSettings {
 /// FNV-1a (64-bit) of the aggregate ID modulo the partition count: fixed forever, since
 /// changing it would move an aggregate to another stream mid-life.
 pub fn partition_of(aggregate_id: &str, partitions: u32) -> u32 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in aggregate_id.as_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    (h % u64::from(partitions.max(1))) as u32
+    (crate::fnv::fnv1a64(aggregate_id.as_bytes()) % u64::from(partitions.max(1))) as u32
 }
 
 /// A reply's text, for the replies that are strings (bulk or simple) of valid UTF-8.
@@ -579,37 +572,6 @@ pub fn text(v: &Value) -> Option<String> {
         Value::SimpleString(s) => Some(s.clone()),
         _ => None,
     }
-}
-
-/// Worth retrying after a backoff: the connection (not a server certificate that fails the
-/// TLS check) or a server state that passes (loading,
-/// read-only replica during failover, cluster reconfiguring, out of memory until trimmed).
-pub fn is_transient(err: &redis::RedisError) -> bool {
-    // A server certificate that fails the check is configuration, whatever its error kind.
-    if crate::tls::is_certificate_error(err) {
-        return false;
-    }
-    if err.is_io_error()
-        || err.is_timeout()
-        || err.is_connection_dropped()
-        || err.is_cluster_error()
-    {
-        return true;
-    }
-    matches!(
-        err.code(),
-        Some(
-            "LOADING"
-                | "READONLY"
-                | "MASTERDOWN"
-                | "TRYAGAIN"
-                | "CLUSTERDOWN"
-                | "OOM"
-                | "BUSY"
-                | "MISCONF"
-                | "NOREPLICAS"
-        )
-    ) || matches!(err.kind(), redis::ErrorKind::Io | redis::ErrorKind::Client)
 }
 
 /// Whether Redis rejected one command for a reason of its own row: the key holds another

@@ -156,7 +156,7 @@ pub fn readiness() -> Result<(), String> {
 
 /// Sets `outboxd_loop_last_progress_age_seconds` for every loop (before a scrape).
 pub fn export() {
-    let gauge = &crate::telemetry::metrics().loop_progress_age_seconds;
+    let gauge = &crate::metrics::metrics().loop_progress_age_seconds;
     each(|name, s| {
         gauge
             .with_label_values(&[name])

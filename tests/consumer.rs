@@ -20,34 +20,17 @@ struct Setup {
 }
 
 fn consumer_toml(db_url: &str, prefix: &str, consumer_extra: &str) -> String {
-    format!(
-        r#"
-[redis]
-url = "{redis}"
-stream_prefix = "{prefix}"
-
-[databases.orders]
-url = "{db_url}"
-
-[[relays]]
-database = "orders"
-table = "outbox"
-
-[[consumers]]
-name = "order-status"
-database = "orders"
-streams = ["{FSC}", "{DC}"]
-handler = "order_status"
-max_deliveries = 3
-claim_idle_ms = 200
-block_ms = 200
-{consumer_extra}
-
-[http]
-listen = ""
-"#,
-        redis = redis_url()
-    )
+    TestConfig::new(prefix)
+        .database("orders", db_url)
+        .relay("orders", "table = \"outbox\"")
+        .consumer(
+            "order-status",
+            "orders",
+            &[FSC, DC],
+            "order_status",
+            &format!("max_deliveries = 3\nclaim_idle_ms = 200\nblock_ms = 200\n{consumer_extra}"),
+        )
+        .toml()
 }
 
 async fn setup(tag: &str, consumer_extra: &str) -> Setup {
@@ -68,7 +51,7 @@ impl Setup {
     fn consumer(&self) -> outboxd::inbox::Consumer {
         let config = Config::parse(&self.cfg_text).unwrap();
         config.validate().unwrap();
-        let pools = outboxd::app::pools(&config).unwrap();
+        let pools = outboxd::db::pools(&config).unwrap();
         let redis = outboxd::redis_io::Redis::new(&config.redis).unwrap();
         outboxd::inbox::build_all(&config, &pools, &redis)
             .unwrap()
@@ -580,32 +563,16 @@ claim_idle_ms = 200
 async fn ledger_setup(tag: &str) -> (TestDb, TestStreams, std::path::PathBuf) {
     let db = TestDb::new(tag).await;
     let streams = TestStreams::new(tag);
-    let text = format!(
-        r#"
-[redis]
-url = "{}"
-stream_prefix = "{}"
-[databases.ledger]
-url = "{}"
-[[consumers]]
-name = "ledger"
-database = "ledger"
-streams = ["events"]
-handler = "sql"
-function = "count_event"
-batch_size = 50
-claim_idle_ms = 500
-block_ms = 200
-[http]
-listen = ""
-"#,
-        redis_url(),
-        streams.prefix,
-        db.url
-    );
-    let cfg = write_config(tag, &text);
-    let (code, _, err) = run_bin(&["--config", cfg.to_str().unwrap(), "migrate"], &[]);
-    assert_eq!(code, 0, "{err}");
+    let cfg = TestConfig::new(&streams.prefix)
+        .database("ledger", &db.url)
+        .consumer(
+            "ledger",
+            "ledger",
+            &["events"],
+            "sql",
+            "function = \"count_event\"\nbatch_size = 50\nclaim_idle_ms = 500\nblock_ms = 200",
+        )
+        .migrated(tag);
     create_ledger(&db.client().await).await;
     (db, streams, cfg)
 }
@@ -726,36 +693,20 @@ async fn relay_and_consumer_end_to_end_in_one_daemon() {
     let odb = TestDb::new("e2e_o").await;
     let streams = TestStreams::new("e2e");
     let port = free_port();
-    let text = format!(
-        r#"
-[redis]
-url = "{redis}"
-stream_prefix = "{prefix}"
-[databases.fulfillment]
-url = "{f}"
-[databases.orders]
-url = "{o}"
-[[relays]]
-database = "fulfillment"
-[[relays]]
-database = "orders"
-[[consumers]]
-name = "order-status"
-database = "orders"
-streams = ["{FSC}", "{DC}"]
-handler = "order_status"
-claim_idle_ms = 500
-[http]
-listen = "127.0.0.1:{port}"
-"#,
-        redis = redis_url(),
-        prefix = streams.prefix,
-        f = fdb.url,
-        o = odb.url
-    );
-    let cfg = write_config("e2e", &text);
-    let (code, _, err) = run_bin(&["--config", cfg.to_str().unwrap(), "migrate"], &[]);
-    assert_eq!(code, 0, "{err}");
+    let cfg = TestConfig::new(&streams.prefix)
+        .database("fulfillment", &fdb.url)
+        .database("orders", &odb.url)
+        .relay("fulfillment", "")
+        .relay("orders", "")
+        .consumer(
+            "order-status",
+            "orders",
+            &[FSC, DC],
+            "order_status",
+            "claim_idle_ms = 500",
+        )
+        .section(&format!("[http]\nlisten = \"127.0.0.1:{port}\""))
+        .migrated("e2e");
     let orders = odb.client().await;
     let fulfil = fdb.client().await;
     for i in 0..20 {

@@ -26,7 +26,7 @@ fn referenced_metrics(text: &str) -> BTreeSet<String> {
 }
 
 fn exported() -> BTreeSet<String> {
-    outboxd::telemetry::metrics().names().into_iter().collect()
+    outboxd::metrics::metrics().names().into_iter().collect()
 }
 
 #[test]

@@ -50,28 +50,17 @@ fn run_sampling_rss(cfg: &std::path::Path, args: &[&str]) -> (String, f64) {
 
 /// A relay on the test database's outbox and a `sql`-handler ledger consumer of `events`.
 fn ledger_config(db: &TestDb, streams: &TestStreams) -> String {
-    format!(
-        r#"
-[redis]
-url = "{}"
-stream_prefix = "{}"
-[databases.main]
-url = "{}"
-[[relays]]
-database = "main"
-[[consumers]]
-name = "ledger"
-database = "main"
-streams = ["events"]
-handler = "sql"
-function = "count_event"
-[http]
-listen = ""
-"#,
-        redis_url(),
-        streams.prefix,
-        db.url
-    )
+    TestConfig::new(&streams.prefix)
+        .database("main", &db.url)
+        .relay("main", "")
+        .consumer(
+            "ledger",
+            "main",
+            &["events"],
+            "sql",
+            "function = \"count_event\"",
+        )
+        .toml()
 }
 
 #[tokio::test]

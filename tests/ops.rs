@@ -13,34 +13,17 @@ const FSC: &str = "fulfillment.status_changed";
 async fn setup(tag: &str) -> (TestDb, TestStreams, std::path::PathBuf) {
     let db = TestDb::new(tag).await;
     let streams = TestStreams::new(tag);
-    let text = format!(
-        r#"
-[redis]
-url = "{}"
-stream_prefix = "{}"
-[databases.main]
-url = "{}"
-[[relays]]
-database = "main"
-archive_retention_hours = 48
-max_attempts = 1
-[[consumers]]
-name = "order-status"
-database = "main"
-streams = ["{FSC}"]
-handler = "order_status"
-max_deliveries = 2
-claim_idle_ms = 100
-[http]
-listen = ""
-"#,
-        redis_url(),
-        streams.prefix,
-        db.url
-    );
-    let cfg = write_config(tag, &text);
-    let (code, _, err) = run_bin(&["--config", cfg.to_str().unwrap(), "migrate"], &[]);
-    assert_eq!(code, 0, "{err}");
+    let cfg = TestConfig::new(&streams.prefix)
+        .database("main", &db.url)
+        .relay("main", "archive_retention_hours = 48\nmax_attempts = 1")
+        .consumer(
+            "order-status",
+            "main",
+            &[FSC],
+            "order_status",
+            "max_deliveries = 2\nclaim_idle_ms = 100",
+        )
+        .migrated(tag);
     (db, streams, cfg)
 }
 

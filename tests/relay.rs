@@ -22,7 +22,7 @@ async fn migrated(tag: &str) -> (TestDb, TestStreams, std::path::PathBuf) {
 fn relay_from(cfg_text: &str) -> outboxd::relay::Relay {
     let config = Config::parse(cfg_text).unwrap();
     config.validate().unwrap();
-    let pools = outboxd::app::pools(&config).unwrap();
+    let pools = outboxd::db::pools(&config).unwrap();
     let redis = outboxd::redis_io::Redis::new(&config.redis).unwrap();
     outboxd::relay::build_all(&config, &pools, &redis)
         .unwrap()
@@ -873,7 +873,10 @@ async fn a_late_commit_below_the_pipelines_bound_is_published_in_the_same_run() 
     };
     let mut batches = 0;
     let mut progress = |_: &outboxd::relay::BatchOutcome| batches += 1;
-    let (run, ()) = tokio::join!(relay.pipeline(relid, &never, &mut progress), committer);
+    let (run, ()) = tokio::join!(
+        relay.batches_in_flight(relid, &never, &mut progress),
+        committer
+    );
     assert!(batches >= 60, "one run of batches: {batches}");
     assert!(run.error.is_none(), "{:?}", run.error);
     assert_eq!(
@@ -892,10 +895,7 @@ async fn a_late_commit_below_the_pipelines_bound_is_published_in_the_same_run() 
 async fn an_unfinished_transaction_never_returns_to_the_pool() {
     let (db, _streams, cfg) = migrated("opentx").await;
     let config = Config::load(Some(&cfg), &Default::default(), &[]).unwrap();
-    let pool = outboxd::app::pools(&config)
-        .unwrap()
-        .remove("main")
-        .unwrap();
+    let pool = outboxd::db::pools(&config).unwrap().remove("main").unwrap();
     {
         let tx = outboxd::db::OpenTransaction::new(pool.get().await.unwrap());
         tx.client()

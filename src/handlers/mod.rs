@@ -46,7 +46,7 @@ impl HandleError {
         if err.code() == Some(&tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION) {
             return HandleError::Aborted;
         }
-        if crate::db::is_transient(&err) {
+        if crate::error::postgres_is_transient(&err) {
             HandleError::Transient(Error::pg(context)(err))
         } else {
             HandleError::Retry(format!("{context}: {}", crate::error::chain(&err)))

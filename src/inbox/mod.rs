@@ -9,20 +9,22 @@
 //! common path); it stays pending and is retried (through `XAUTOCLAIM` after `claim_idle_ms`)
 //! until it succeeds or reaches `max_deliveries` and is dead-lettered. Entries that can never be
 //! handled (not JSON, no event ID, malformed payload) are dead-lettered at once.
+//!
+//! This module holds the `Consumer`, its daemon loop (`run`) and the `--once` drain
+//! (`drain`). The rooms: `read` (the reads and read passes: pending, claim, new), `apply` (one
+//! batch, triage to settle), `dlq` (writing a dead letter).
 
+mod apply;
 pub mod dlq;
 pub mod read;
 
 use crate::config::{Config, ConsumerConfig};
-use crate::envelope::{decode, Incoming};
 use crate::error::{Error, Result};
-use crate::handlers::{HandleError, Handler, Outcome};
+use crate::handlers::Handler;
 use crate::redis_io::Redis;
 use crate::retry::Backoff;
-use crate::telemetry::metrics;
 use deadpool_postgres::Pool;
-use read::Entry;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -61,7 +63,9 @@ pub struct Consumer {
     /// Stream keys (prefix applied) and the topic each carries.
     keys: Vec<String>,
     topics: Vec<String>,
-    consumer_name: String,
+    /// This instance's consumer name within the group (`consumer_name`, default
+    /// `<host>-<pid>`).
+    instance: String,
     handler: Handler,
     inbox_insert: String,
     inbox_hashes: String,
@@ -77,25 +81,19 @@ impl std::fmt::Debug for Consumer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Consumer")
             .field("name", &self.config.name)
-            .field("consumer", &self.consumer_name)
+            .field("consumer", &self.instance)
             .finish_non_exhaustive()
     }
 }
 
-struct Work {
-    entry: usize,
-    event: Incoming,
-    hash: i64,
-    lock_key: Option<String>,
-}
-
 impl Consumer {
     pub fn new(config: ConsumerConfig, pool: Pool, redis: Redis) -> Result<Consumer> {
-        let handler = match config.handler.as_str() {
-            "sql" => Handler::Sql(crate::handlers::sql_function::SqlFunctionHandler::new(
-                config.function.as_deref().unwrap_or_default(),
-            )),
-            _ => Handler::OrderStatus(
+        let key = format!("consumers.{}", config.name);
+        let handler = match config.handler_choice(&key)? {
+            crate::config::HandlerChoice::Sql { function } => Handler::Sql(
+                crate::handlers::sql_function::SqlFunctionHandler::new(&function),
+            ),
+            crate::config::HandlerChoice::OrderStatus => Handler::OrderStatus(
                 crate::handlers::order_status::OrderStatusHandler::new(&config).map_err(|m| {
                     crate::config::ConfigError::new(
                         format!("consumers.{}.status_mapping", config.name),
@@ -113,10 +111,10 @@ impl Consumer {
                 topics.push(topic.clone());
             }
         }
-        let consumer_name = config
+        let instance = config
             .consumer_name
             .clone()
-            .unwrap_or_else(default_consumer_name);
+            .unwrap_or_else(default_instance_name);
         let inbox = crate::db::quote_qualified(&config.inbox_table);
         Ok(Consumer {
             inbox_insert: format!(
@@ -134,7 +132,7 @@ RETURNING event_id"
             redis,
             keys,
             topics,
-            consumer_name,
+            instance,
             handler,
             query_timeout: Duration::from_millis(crate::config::defaults::query_timeout_ms()),
             give_up_after: Duration::from_secs(60),
@@ -142,8 +140,9 @@ RETURNING event_id"
         })
     }
 
-    pub fn name(&self) -> String {
-        self.config.name.clone()
+    /// The consumer's name: its Redis consumer group and its key in the inbox.
+    pub fn group(&self) -> &str {
+        &self.config.name
     }
 
     /// How long `drain` retries a server that is away or not answering (default 60 s).
@@ -151,582 +150,9 @@ RETURNING event_id"
         self.give_up_after = after;
     }
 
-    /// Entries to ask for per stream in the next read, at most `batch_size`. Before the
-    /// first read it estimates the streams' entry size from Redis (`MEMORY USAGE` over
-    /// `XLEN`), so that a backlog of large entries is not read `batch_size` at a time; where
-    /// that cannot be asked, it starts at 1 and grows as `observe` sees small entries.
-    async fn read_count(&self, conn: &mut crate::redis_io::Conn) -> usize {
-        let batch = self.config.batch_size.max(1) as usize;
-        let known = self.read_count.load(std::sync::atomic::Ordering::Relaxed);
-        if known > 0 {
-            return known.clamp(1, batch);
-        }
-        let mut largest_average = 0_usize;
-        let mut asked = true;
-        for key in &self.keys {
-            let usage: redis::RedisResult<Option<u64>> = redis::cmd("MEMORY")
-                .arg("USAGE")
-                .arg(key)
-                .query_async(conn)
-                .await;
-            let len: redis::RedisResult<u64> = redis::cmd("XLEN").arg(key).query_async(conn).await;
-            match (usage, len) {
-                (Ok(Some(bytes)), Ok(len)) if len > 0 => {
-                    largest_average = largest_average.max((bytes / len) as usize);
-                }
-                (Ok(_), Ok(_)) => {}
-                _ => asked = false,
-            }
-        }
-        let count = if !asked {
-            1
-        } else {
-            match self.config.max_read_bytes.checked_div(largest_average) {
-                Some(fit) => (fit / self.keys.len().max(1)).clamp(1, batch),
-                None => batch, // empty streams: nothing to go by yet
-            }
-        };
-        self.read_count
-            .store(count, std::sync::atomic::Ordering::Relaxed);
-        count
-    }
-
-    /// After a read: the next one asks for twice as many entries, up to `batch_size`, but
-    /// never more than `max_read_bytes` of entries as large as the largest just read can
-    /// fill (over every stream a read covers). Memory then follows bytes, not entry counts:
-    /// a backlog of multi-megabyte events is read a few at a time. (A stream whose entries
-    /// grow suddenly from small to large can overshoot for one read.)
-    fn observe(&self, entries: &[Entry]) {
-        let Some(largest) = entries
-            .iter()
-            .map(|e| {
-                e.fields
-                    .iter()
-                    .map(|(k, v)| k.len() + v.len())
-                    .sum::<usize>()
-            })
-            .max()
-        else {
-            return;
-        };
-        let fit = self.config.max_read_bytes / largest.max(1) / self.keys.len().max(1);
-        let current = self
-            .read_count
-            .load(std::sync::atomic::Ordering::Relaxed)
-            .max(1);
-        let next = (current * 2)
-            .min(fit)
-            .clamp(1, self.config.batch_size.max(1) as usize);
-        self.read_count
-            .store(next, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    pub fn consumer_name(&self) -> &str {
-        &self.consumer_name
-    }
-
-    async fn ensure_groups(&self) -> Result<()> {
-        let mut conn = self.redis.commands();
-        for key in &self.keys {
-            read::ensure_group(&mut conn, key, &self.config.name).await?;
-        }
-        Ok(())
-    }
-
-    /// One pass through this consumer's own pending entries, stream by stream, oldest first.
-    async fn pending_pass(&self) -> Result<Tally> {
-        let mut tally = Tally::default();
-        let mut conn = self.redis.commands();
-        for key in &self.keys {
-            let mut cursor = "0".to_string();
-            loop {
-                let entries = read::read_group(
-                    &mut conn,
-                    &self.config.name,
-                    &self.consumer_name,
-                    std::slice::from_ref(key),
-                    &cursor,
-                    self.read_count(&mut self.redis.commands()).await,
-                    None,
-                )
-                .await?;
-                self.observe(&entries);
-                let Some(last) = entries.last() else { break };
-                cursor = last.id.clone();
-                // read_group indexes streams within the keys it was given; map back.
-                let stream = self.keys.iter().position(|k| k == key).unwrap_or(0);
-                let entries = entries
-                    .into_iter()
-                    .map(|mut e| {
-                        e.stream = stream;
-                        e
-                    })
-                    .collect();
-                tally.add(&self.process(entries, false).await?);
-            }
-        }
-        Ok(tally)
-    }
-
-    /// Entries idle longer than `claim_idle_ms` in any consumer of the group, this one's
-    /// failed entries included: claimed and processed.
-    async fn claim_pass(&self) -> Result<Tally> {
-        let mut tally = Tally::default();
-        let mut conn = self.redis.commands();
-        for (stream, key) in self.keys.iter().enumerate() {
-            let entries = read::autoclaim(
-                &mut conn,
-                stream,
-                key,
-                &self.config.name,
-                &self.consumer_name,
-                self.config.claim_idle_ms,
-                self.read_count(&mut self.redis.commands()).await,
-            )
-            .await?;
-            self.observe(&entries);
-            if !entries.is_empty() {
-                tracing::info!(consumer = %self.config.name, stream = %key, entries = entries.len(), "claimed idle pending entries");
-                tally.add(&self.process(entries, false).await?);
-            }
-        }
-        Ok(tally)
-    }
-
-    /// New entries for this consumer, up to `count` per read. On a single Redis one
-    /// `XREADGROUP` over every stream, blocking up to `block_ms`; on a cluster, whose streams
-    /// live on different shards (a multi-key read would cross slots), one non-blocking read
-    /// per stream, all at once.
-    async fn read_new(
-        &self,
-        conn: &mut crate::redis_io::Conn,
-        count: usize,
-        block_ms: Option<u64>,
-    ) -> Result<Vec<Entry>> {
-        let count = count.min(self.read_count(&mut self.redis.commands()).await);
-        if !self.redis.is_cluster() {
-            let entries = read::read_group(
-                conn,
-                &self.config.name,
-                &self.consumer_name,
-                &self.keys,
-                ">",
-                count,
-                block_ms,
-            )
-            .await?;
-            self.observe(&entries);
-            return Ok(entries);
-        }
-        let reads = self.keys.iter().enumerate().map(|(stream, key)| {
-            let mut conn = conn.clone();
-            async move {
-                let entries = read::read_group(
-                    &mut conn,
-                    &self.config.name,
-                    &self.consumer_name,
-                    std::slice::from_ref(key),
-                    ">",
-                    count,
-                    None,
-                )
-                .await?;
-                Ok::<Vec<Entry>, Error>(
-                    entries
-                        .into_iter()
-                        .map(|mut e| {
-                            e.stream = stream;
-                            e
-                        })
-                        .collect(),
-                )
-            }
-        });
-        let mut out = Vec::new();
-        for entries in futures_util::future::join_all(reads).await {
-            out.extend(entries?);
-        }
-        self.observe(&out);
-        Ok(out)
-    }
-
-    /// Handles one batch: dead-letters what cannot be handled, applies the rest in one
-    /// transaction, acknowledges after the commit.
-    pub async fn process(&self, entries: Vec<Entry>, fresh: bool) -> Result<Tally> {
-        let started = Instant::now();
-        let mut tally = Tally::default();
-        if entries.is_empty() {
-            return Ok(tally);
-        }
-        let large = carries_large_entries(&entries);
-        let _large_work = if large {
-            Some(crate::large_work::lock().await)
-        } else {
-            None
-        };
-        let mut conn = self.redis.commands();
-        // Delivery counts matter only for entries delivered before (pending or claimed).
-        let mut counts: HashMap<String, u64> = HashMap::new();
-        if !fresh {
-            for (stream, key) in self.keys.iter().enumerate() {
-                let ids: Vec<&str> = entries
-                    .iter()
-                    .filter(|e| e.stream == stream)
-                    .map(|e| e.id.as_str())
-                    .collect();
-                counts
-                    .extend(read::delivery_counts(&mut conn, key, &self.config.name, &ids).await?);
-            }
-        }
-        let deliveries = |e: &Entry| counts.get(&e.id).copied().unwrap_or(1);
-
-        let mut dead: Vec<(usize, String)> = Vec::new();
-        let mut work: Vec<Work> = Vec::with_capacity(entries.len());
-        for (i, entry) in entries.iter().enumerate() {
-            if !entry.present {
-                dead.push((
-                    i,
-                    "entry was deleted from the stream before it was acknowledged".into(),
-                ));
-                continue;
-            }
-            let n = deliveries(entry);
-            if n > u64::from(self.config.max_deliveries) {
-                dead.push((
-                    i,
-                    format!(
-                        "delivered {n} times without being acknowledged (max_deliveries = {})",
-                        self.config.max_deliveries
-                    ),
-                ));
-                continue;
-            }
-            match decode(entry.data(), &self.topics[entry.stream]) {
-                Ok(event) => {
-                    let hash = data_hash(&event.data);
-                    let lock_key = self.handler.lock_key(&event);
-                    work.push(Work {
-                        entry: i,
-                        event,
-                        hash,
-                        lock_key,
-                    });
-                }
-                Err(e) => dead.push((i, e.to_string())),
-            }
-        }
-        // Stable: entries of one order keep their stream order.
-        work.sort_by(|a, b| a.lock_key.cmp(&b.lock_key));
-
-        let mut failed: Vec<(usize, HandleError)> = Vec::new();
-        let mut skips: Vec<(&'static str, String, usize)> = Vec::new();
-        let mut transitions: Vec<(String, String)> = Vec::new();
-        let mut handled: Vec<usize> = Vec::new();
-        loop {
-            let excluded: HashSet<usize> = failed.iter().map(|(i, _)| *i).collect();
-            let active: Vec<&Work> = work
-                .iter()
-                .filter(|w| !excluded.contains(&w.entry))
-                .collect();
-            skips.clear();
-            transitions.clear();
-            handled.clear();
-            // Every step of the transaction is bounded: a connection that stops answering
-            // fails the batch (its entries stay pending), and the pool's checkout check
-            // throws that connection away instead of handing it out again.
-            let bound = self.query_timeout;
-            let ctx = format!("consumer {}: applying a batch", self.config.name);
-            let mut client = crate::db::bounded(bound, &ctx, async {
-                self.pool.get().await.map_err(Error::pool(format!(
-                    "consumer {}: getting a connection",
-                    self.config.name
-                )))
-            })
-            .await?;
-            let tx = crate::db::bounded(bound, &ctx, async {
-                client.transaction().await.map_err(Error::pg(ctx.clone()))
-            })
-            .await?;
-            let mut new_ids: HashSet<String> = HashSet::new();
-            if !active.is_empty() {
-                let event_ids: Vec<&str> =
-                    active.iter().map(|w| w.event.event_id.as_str()).collect();
-                let streams: Vec<&str> = active
-                    .iter()
-                    .map(|w| self.keys[entries[w.entry].stream].as_str())
-                    .collect();
-                let entry_ids: Vec<&str> = active
-                    .iter()
-                    .map(|w| entries[w.entry].id.as_str())
-                    .collect();
-                let hashes: Vec<i64> = active.iter().map(|w| w.hash).collect();
-                let inserted = crate::db::bounded(bound, &ctx, async {
-                    let insert = tx
-                        .prepare_cached(&self.inbox_insert)
-                        .await
-                        .map_err(Error::pg(ctx.clone()))?;
-                    tx.query(
-                        &insert,
-                        &[&self.config.name, &event_ids, &streams, &entry_ids, &hashes],
-                    )
-                    .await
-                    .map_err(Error::pg(ctx.clone()))
-                })
-                .await?;
-                for row in inserted {
-                    new_ids.insert(row.get(0));
-                }
-            }
-            let mut duplicates: Vec<&Work> = Vec::new();
-            let mut to_apply: Vec<&Work> = Vec::new();
-            for w in &active {
-                // The first occurrence of a new event ID is applied; any other is a duplicate.
-                if new_ids.remove(&w.event.event_id) {
-                    to_apply.push(w);
-                } else {
-                    duplicates.push(w);
-                    handled.push(w.entry);
-                }
-            }
-            // Events of different orders are independent, so their statements are pipelined
-            // on the connection: one group per order, each in stream order. Events without a
-            // lock key (the sql handler) form one group, applied strictly in stream order.
-            let mut groups: Vec<Vec<&Work>> = Vec::new();
-            let mut unkeyed: Vec<&Work> = Vec::new();
-            for w in to_apply {
-                match (&w.lock_key, groups.last_mut()) {
-                    (None, _) => unkeyed.push(w),
-                    (Some(k), Some(g)) if g[0].lock_key.as_ref() == Some(k) => g.push(w),
-                    (Some(_), _) => groups.push(vec![w]),
-                }
-            }
-            if !unkeyed.is_empty() {
-                groups.push(unkeyed);
-            }
-            let tx_ref = &tx;
-            let entries_ref = &entries;
-            let handlers = futures_util::future::join_all(groups.iter().map(|group| async move {
-                let mut out = Vec::with_capacity(group.len());
-                for w in group {
-                    let topic = &self.topics[entries_ref[w.entry].stream];
-                    let result = self.handler.handle(tx_ref, topic, &w.event).await;
-                    let stop = result.is_err();
-                    out.push((w.entry, result));
-                    if stop {
-                        break;
-                    }
-                }
-                out
-            }));
-            let results =
-                crate::db::bounded(bound, &ctx, async { Ok::<_, Error>(handlers.await) }).await?;
-            let mut retry_batch = false;
-            for (entry, result) in results.into_iter().flatten() {
-                match result {
-                    Ok(Outcome::Applied { transition }) => {
-                        if let Some(t) = transition {
-                            transitions.push(t);
-                        }
-                        handled.push(entry);
-                    }
-                    Ok(Outcome::Skipped { code, reason }) => {
-                        skips.push((code, reason, entry));
-                        handled.push(entry);
-                    }
-                    Err(HandleError::Transient(e)) => return Err(e),
-                    // Another event's failure aborted the transaction under this one: it is
-                    // not at fault and goes again in the redone batch.
-                    Err(HandleError::Aborted) => retry_batch = true,
-                    Err(e) => {
-                        failed.push((entry, e));
-                        retry_batch = true;
-                    }
-                }
-            }
-            if retry_batch {
-                crate::db::bounded(bound, &ctx, async {
-                    tx.rollback().await.map_err(Error::pg(ctx.clone()))
-                })
-                .await?;
-                continue;
-            }
-            if !duplicates.is_empty() {
-                tally.conflicts +=
-                    crate::db::bounded(bound, &ctx, self.count_conflicts(&tx, &duplicates)).await?;
-            }
-            crate::db::bounded(bound, &ctx, async {
-                tx.commit().await.map_err(Error::pg(ctx.clone()))
-            })
-            .await?;
-            if large {
-                // closed, not pooled: it would keep buffers this large for as long as it lives
-                drop(deadpool_postgres::Object::take(client));
-            }
-            tally.duplicate = duplicates.len() as u64;
-            break;
-        }
-        let committed_at = std::time::SystemTime::now();
-
-        // Acknowledge everything the commit covered, in one round trip.
-        let mut acks: Vec<Vec<&str>> = vec![Vec::new(); self.keys.len()];
-        for &i in &handled {
-            acks[entries[i].stream].push(entries[i].id.as_str());
-        }
-        let acks: Vec<(String, redis::Cmd)> = acks
-            .iter()
-            .enumerate()
-            .filter(|(_, ids)| !ids.is_empty())
-            .map(|(stream, ids)| {
-                let mut cmd = redis::cmd("XACK");
-                cmd.arg(&self.keys[stream]).arg(&self.config.name).arg(ids);
-                (self.keys[stream].clone(), cmd)
-            })
-            .collect();
-        let xack = |e| Error::redis(format!("consumer {}: XACK", self.config.name))(e);
-        for reply in crate::redis_io::pipeline_by_key(&mut conn, acks)
-            .await
-            .map_err(xack)?
-        {
-            reply.map_err(xack)?;
-        }
-        if large {
-            // the shared connection may have carried them (pending and claimed entries)
-            conn.renew().await;
-        }
-
-        // Failures: permanent ones now, retryable ones when out of deliveries.
-        for (i, err) in failed {
-            let entry = &entries[i];
-            let permanent = matches!(err, HandleError::Permanent(_));
-            let n = if fresh && !permanent {
-                read::delivery_counts(
-                    &mut conn,
-                    &self.keys[entry.stream],
-                    &self.config.name,
-                    &[entry.id.as_str()],
-                )
-                .await?
-                .get(&entry.id)
-                .copied()
-                .unwrap_or(1)
-            } else {
-                deliveries(entry)
-            };
-            if permanent || n >= u64::from(self.config.max_deliveries) {
-                dead.push((i, err.to_string()));
-            } else {
-                tally.retrying += 1;
-                metrics()
-                    .consumer_errors
-                    .with_label_values(&[&self.config.name, "handler"])
-                    .inc();
-                let (event_id, aggregate_id) = ids_of(&work, i);
-                tracing::warn!(consumer = %self.config.name, entry_id = %entry.id, event_id, aggregate_id, deliveries = n, error = %err, "event failed; it stays pending and is retried");
-            }
-        }
-        for (i, reason) in &dead {
-            let entry = &entries[*i];
-            let key = &self.keys[entry.stream];
-            dlq::dead_letter(
-                &mut conn,
-                key,
-                &self.config.name,
-                &self.consumer_name,
-                entry,
-                reason,
-                deliveries(entry).max(1),
-            )
-            .await?;
-            metrics()
-                .dead_letters
-                .with_label_values(&[&self.config.name, key])
-                .inc();
-            let (event_id, aggregate_id) = ids_of(&work, *i);
-            tracing::error!(consumer = %self.config.name, stream = %key, entry_id = %entry.id, event_id, aggregate_id, reason, "dead-lettered");
-        }
-        tally.dead_lettered = dead.len() as u64;
-        tally.skipped = skips.len() as u64;
-        tally.applied = (handled.len() as u64).saturating_sub(tally.duplicate + tally.skipped);
-
-        let m = metrics();
-        let name = self.config.name.as_str();
-        for (code, reason, i) in &skips {
-            m.order_skips.with_label_values(&[code]).inc();
-            let event = work.iter().find(|w| w.entry == *i);
-            tracing::info!(
-                consumer = name,
-                entry_id = %entries[*i].id,
-                event_id = event.map(|w| w.event.event_id.as_str()).unwrap_or(""),
-                aggregate_id = event.and_then(|w| w.lock_key.as_deref()).unwrap_or(""),
-                reason = %reason,
-                "event skipped"
-            );
-        }
-        for (from, to) in &transitions {
-            m.order_transitions.with_label_values(&[from, to]).inc();
-        }
-        for (result, n) in [
-            ("applied", tally.applied),
-            ("duplicate", tally.duplicate),
-            ("skipped", tally.skipped),
-            ("dead_lettered", tally.dead_lettered),
-        ] {
-            if n > 0 {
-                m.consumer_events
-                    .with_label_values(&[name, result])
-                    .inc_by(n);
-            }
-        }
-        for w in &work {
-            if let Some(created) = w
-                .event
-                .envelope
-                .get("time")
-                .and_then(|t| t.as_str())
-                .and_then(parse_rfc3339)
-            {
-                if let Ok(age) = committed_at.duration_since(created) {
-                    m.end_to_end_seconds.observe(age.as_secs_f64());
-                }
-            }
-        }
-        m.consumer_batch_seconds
-            .with_label_values(&[name])
-            .observe(started.elapsed().as_secs_f64());
-        Ok(tally)
-    }
-
-    async fn count_conflicts(
-        &self,
-        tx: &deadpool_postgres::Transaction<'_>,
-        duplicates: &[&Work],
-    ) -> Result<u64> {
-        let ids: Vec<&str> = duplicates
-            .iter()
-            .map(|w| w.event.event_id.as_str())
-            .collect();
-        let rows = tx
-            .query(&self.inbox_hashes, &[&self.config.name, &ids])
-            .await
-            .map_err(Error::pg(format!(
-                "consumer {}: reading inbox hashes",
-                self.config.name
-            )))?;
-        let stored: HashMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-        let mut conflicts = 0;
-        for w in duplicates {
-            if stored.get(&w.event.event_id).is_some_and(|h| *h != w.hash) {
-                conflicts += 1;
-                tracing::warn!(consumer = %self.config.name, event_id = %w.event.event_id, "same event ID arrived with different data; the first one was applied, this one is ignored");
-            }
-        }
-        if conflicts > 0 {
-            metrics()
-                .consumer_events
-                .with_label_values(&[&self.config.name, "conflict"])
-                .inc_by(conflicts);
-        }
-        Ok(conflicts)
+    /// This instance's consumer name within the group.
+    pub fn instance(&self) -> &str {
+        &self.instance
     }
 
     /// Removes this instance's consumer name from its groups when it holds no pending entry,
@@ -742,7 +168,7 @@ RETURNING event_id"
                 .arg("-")
                 .arg("+")
                 .arg(1)
-                .arg(&self.consumer_name)
+                .arg(&self.instance)
                 .query_async(&mut conn)
                 .await;
             if matches!(mine, Ok(redis::Value::Array(ref held)) if held.is_empty()) {
@@ -750,7 +176,7 @@ RETURNING event_id"
                     .arg("DELCONSUMER")
                     .arg(key)
                     .arg(&self.config.name)
-                    .arg(&self.consumer_name)
+                    .arg(&self.instance)
                     .query_async(&mut conn)
                     .await;
             }
@@ -768,7 +194,7 @@ RETURNING event_id"
         let mut last_claim = Instant::now();
         let mut idle = Duration::ZERO;
         let watch = crate::watchdog::register(&format!("consumer {}", self.config.name));
-        tracing::info!(consumer = %self.config.name, instance = %self.consumer_name, "consumer started");
+        tracing::info!(consumer = %self.config.name, instance = %self.instance, "consumer started");
         loop {
             if shutdown.is_cancelled() {
                 break;
@@ -847,7 +273,7 @@ RETURNING event_id"
                     let more = self.read_new(conn, batch - entries.len(), None).await?;
                     entries.extend(more);
                 }
-                let large = carries_large_entries(&entries);
+                let large = apply::carries_large_entries(&entries);
                 self.process(entries, true).await?;
                 Ok::<bool, Error>(large)
             };
@@ -863,14 +289,11 @@ RETURNING event_id"
                     backoff.reset()
                 }
                 Err(e) if e.is_transient() || is_missing_group(&e) => {
-                    metrics()
-                        .consumer_errors
-                        .with_label_values(&[&self.config.name, "transient"])
-                        .inc();
-                    watch.failed(&crate::error::chain(&e));
+                    let error = crate::error::chain(&e);
+                    watch.failed(&error);
                     crate::db::after_failure(&self.pool, &e);
                     let delay = backoff.next_delay();
-                    tracing::warn!(consumer = %self.config.name, error = %crate::error::chain(&e), retry_in_ms = delay.as_millis() as u64, "consumer batch failed; backing off");
+                    crate::events::consumer_batch_failed(&self.config.name, &error, delay);
                     blocking = None;
                     rescan = true;
                     tokio::select! {
@@ -943,24 +366,11 @@ RETURNING event_id"
     }
 }
 
-/// The event ID and aggregate ID (the order, for `order_status`) of entry `entry` of a batch,
-/// for the logs; empty where the entry could not be read that far.
-fn ids_of(work: &[Work], entry: usize) -> (&str, &str) {
-    work.iter()
-        .find(|w| w.entry == entry)
-        .map_or(("", ""), |w| {
-            (
-                w.event.event_id.as_str(),
-                w.lock_key.as_deref().unwrap_or(""),
-            )
-        })
-}
-
 fn is_missing_group(e: &Error) -> bool {
     matches!(e, Error::Redis { source, .. } if source.code() == Some("NOGROUP"))
 }
 
-fn default_consumer_name() -> String {
+fn default_instance_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|h| h.trim().to_string())
@@ -968,62 +378,6 @@ fn default_consumer_name() -> String {
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "outboxd".into());
     format!("{host}-{}", std::process::id())
-}
-
-/// FNV-1a over the event data's JSON (keys sorted by serde_json's map), to notice the same
-/// event ID arriving with other data.
-fn data_hash(data: &serde_json::Value) -> i64 {
-    let text = data.to_string();
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in text.as_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h as i64
-}
-
-/// Parses the `YYYY-MM-DDTHH:MM:SS[.fraction](Z|+HH:MM)` times outboxd and most producers
-/// write; anything else is `None` (it only feeds a latency metric).
-pub fn parse_rfc3339(s: &str) -> Option<std::time::SystemTime> {
-    let b = s.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || (b[10] != b'T' && b[10] != b' ') {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
-    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    let mut i = 19;
-    let mut nanos: i64 = 0;
-    if b.get(i) == Some(&b'.') {
-        i += 1;
-        let start = i;
-        while i < b.len() && b[i].is_ascii_digit() {
-            i += 1;
-        }
-        let frac = s.get(start..i)?;
-        let digits = frac.len().min(9);
-        nanos = frac.get(..digits)?.parse::<i64>().ok()? * 10_i64.pow((9 - digits) as u32);
-    }
-    let offset = match s.get(i..)? {
-        "Z" | "z" => 0,
-        tz if tz.len() == 6 => {
-            let sign = if tz.starts_with('-') { -1 } else { 1 };
-            sign * (tz.get(1..3)?.parse::<i64>().ok()? * 3600
-                + tz.get(4..6)?.parse::<i64>().ok()? * 60)
-        }
-        _ => return None,
-    };
-    // days from civil (Howard Hinnant's algorithm)
-    let y = if mo <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (mo + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let secs = days * 86_400 + h * 3600 + mi * 60 + sec - offset;
-    let secs = u64::try_from(secs).ok()?;
-    Some(std::time::UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_nanos(nanos as u64))
 }
 
 /// Builds every configured consumer.
@@ -1047,72 +401,4 @@ pub fn build_all(
             Ok(consumer)
         })
         .collect()
-}
-
-/// `consume --once` for every configured consumer, with a summary line each.
-pub async fn consume_once(
-    config: &Config,
-    give_up_after: Duration,
-    shutdown: &CancellationToken,
-) -> Result<()> {
-    let pools = crate::app::pools(config)?;
-    let redis = Redis::for_config(config)?;
-    let mut consumers = build_all(config, &pools, &redis)?;
-    for consumer in &mut consumers {
-        consumer.set_give_up_after(give_up_after);
-    }
-    if consumers.is_empty() {
-        return Err(crate::config::ConfigError::new("consumers", "no consumer configured").into());
-    }
-    for consumer in consumers {
-        let started = Instant::now();
-        let t = consumer.drain(shutdown).await?;
-        consumer.forget_self().await;
-        let secs = started.elapsed().as_secs_f64();
-        crate::outln!(
-            "consume {}: {} events in {:.3} s ({:.0} events/s): {} applied, {} duplicate, {} skipped, {} dead-lettered",
-            consumer.name(),
-            t.handled(),
-            secs,
-            if secs > 0.0 { t.handled() as f64 / secs } else { 0.0 },
-            t.applied,
-            t.duplicate,
-            t.skipped,
-            t.dead_lettered
-        );
-    }
-    Ok(())
-}
-
-/// Whether any of `entries` is large (see [`crate::large_work`]).
-fn carries_large_entries(entries: &[Entry]) -> bool {
-    entries.iter().any(|e| {
-        e.fields
-            .iter()
-            .map(|(k, v)| k.len() + v.len())
-            .sum::<usize>()
-            >= crate::large_work::LARGE_EVENT_BYTES
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rfc3339() {
-        let t = parse_rfc3339("1970-01-02T00:00:01.5Z").expect("parses");
-        assert_eq!(t, std::time::UNIX_EPOCH + Duration::from_millis(86_401_500));
-        let t = parse_rfc3339("2026-11-22T08:00:00+01:00").expect("parses");
-        let u = parse_rfc3339("2026-11-22T07:00:00Z").expect("parses");
-        assert_eq!(t, u);
-        assert!(parse_rfc3339("yesterday").is_none());
-    }
-
-    #[test]
-    fn hash_is_key_order_independent() {
-        let a: serde_json::Value = serde_json::from_str(r#"{"a":1,"b":2}"#).expect("json");
-        let b: serde_json::Value = serde_json::from_str(r#"{"b":2,"a":1}"#).expect("json");
-        assert_eq!(data_hash(&a), data_hash(&b));
-    }
 }

@@ -136,7 +136,7 @@ pub async fn autoclaim<C: ConnectionLike>(
             return Err(unexpected("XAUTOCLAIM", &reply));
         };
         if parts.len() < 2 {
-            return Err(Error::Other("XAUTOCLAIM: short reply".into()));
+            return Err(unexpected("XAUTOCLAIM", &Value::Array(parts)));
         }
         let rest = parts.split_off(1);
         let next = text(&parts[0]).unwrap_or_else(|| "0-0".into());
@@ -274,5 +274,207 @@ fn bytes(v: Value) -> Vec<u8> {
 }
 
 fn unexpected(command: &str, v: &Value) -> Error {
-    Error::Other(format!("{command}: unexpected reply {v:?}"))
+    Error::UnexpectedReply {
+        command: command.to_string(),
+        reply: format!("{v:?}"),
+    }
+}
+
+/// The read passes of a consumer: sizing a read by bytes, the pending pass at start, the
+/// claim pass over idle entries of dead instances, and the read of new entries.
+impl super::Consumer {
+    /// Entries to ask for per stream in the next read, at most `batch_size`. Before the
+    /// first read it estimates the streams' entry size from Redis (`MEMORY USAGE` over
+    /// `XLEN`), so that a backlog of large entries is not read `batch_size` at a time; where
+    /// that cannot be asked, it starts at 1 and grows as `observe` sees small entries.
+    pub(super) async fn read_count(&self, conn: &mut crate::redis_io::Conn) -> usize {
+        let batch = self.config.batch_size.max(1) as usize;
+        let known = self.read_count.load(std::sync::atomic::Ordering::Relaxed);
+        if known > 0 {
+            return known.clamp(1, batch);
+        }
+        let mut largest_average = 0_usize;
+        let mut asked = true;
+        for key in &self.keys {
+            let usage: redis::RedisResult<Option<u64>> = redis::cmd("MEMORY")
+                .arg("USAGE")
+                .arg(key)
+                .query_async(conn)
+                .await;
+            let len: redis::RedisResult<u64> = redis::cmd("XLEN").arg(key).query_async(conn).await;
+            match (usage, len) {
+                (Ok(Some(bytes)), Ok(len)) if len > 0 => {
+                    largest_average = largest_average.max((bytes / len) as usize);
+                }
+                (Ok(_), Ok(_)) => {}
+                _ => asked = false,
+            }
+        }
+        let count = if !asked {
+            1
+        } else {
+            match self.config.max_read_bytes.checked_div(largest_average) {
+                Some(fit) => (fit / self.keys.len().max(1)).clamp(1, batch),
+                None => batch, // empty streams: nothing to go by yet
+            }
+        };
+        self.read_count
+            .store(count, std::sync::atomic::Ordering::Relaxed);
+        count
+    }
+
+    /// After a read: the next one asks for twice as many entries, up to `batch_size`, but
+    /// never more than `max_read_bytes` of entries as large as the largest just read can
+    /// fill (over every stream a read covers). Memory then follows bytes, not entry counts:
+    /// a backlog of multi-megabyte events is read a few at a time. (A stream whose entries
+    /// grow suddenly from small to large can overshoot for one read.)
+    pub(super) fn observe(&self, entries: &[Entry]) {
+        let Some(largest) = entries
+            .iter()
+            .map(|e| {
+                e.fields
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len())
+                    .sum::<usize>()
+            })
+            .max()
+        else {
+            return;
+        };
+        let fit = self.config.max_read_bytes / largest.max(1) / self.keys.len().max(1);
+        let current = self
+            .read_count
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .max(1);
+        let next = (current * 2)
+            .min(fit)
+            .clamp(1, self.config.batch_size.max(1) as usize);
+        self.read_count
+            .store(next, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub(super) async fn ensure_groups(&self) -> Result<()> {
+        let mut conn = self.redis.commands();
+        for key in &self.keys {
+            ensure_group(&mut conn, key, &self.config.name).await?;
+        }
+        Ok(())
+    }
+
+    /// One pass through this consumer's own pending entries, stream by stream, oldest first.
+    pub(super) async fn pending_pass(&self) -> Result<super::Tally> {
+        let mut tally = super::Tally::default();
+        let mut conn = self.redis.commands();
+        for key in &self.keys {
+            let mut cursor = "0".to_string();
+            loop {
+                let entries = read_group(
+                    &mut conn,
+                    &self.config.name,
+                    &self.instance,
+                    std::slice::from_ref(key),
+                    &cursor,
+                    self.read_count(&mut self.redis.commands()).await,
+                    None,
+                )
+                .await?;
+                self.observe(&entries);
+                let Some(last) = entries.last() else { break };
+                cursor = last.id.clone();
+                // read_group indexes streams within the keys it was given; map back.
+                let stream = self.keys.iter().position(|k| k == key).unwrap_or(0);
+                let entries = entries
+                    .into_iter()
+                    .map(|mut e| {
+                        e.stream = stream;
+                        e
+                    })
+                    .collect();
+                tally.add(&self.process(entries, false).await?);
+            }
+        }
+        Ok(tally)
+    }
+
+    /// Entries idle longer than `claim_idle_ms` in any consumer of the group, this one's
+    /// failed entries included: claimed and processed.
+    pub(super) async fn claim_pass(&self) -> Result<super::Tally> {
+        let mut tally = super::Tally::default();
+        let mut conn = self.redis.commands();
+        for (stream, key) in self.keys.iter().enumerate() {
+            let entries = autoclaim(
+                &mut conn,
+                stream,
+                key,
+                &self.config.name,
+                &self.instance,
+                self.config.claim_idle_ms,
+                self.read_count(&mut self.redis.commands()).await,
+            )
+            .await?;
+            self.observe(&entries);
+            if !entries.is_empty() {
+                tracing::info!(consumer = %self.config.name, stream = %key, entries = entries.len(), "claimed idle pending entries");
+                tally.add(&self.process(entries, false).await?);
+            }
+        }
+        Ok(tally)
+    }
+
+    /// New entries for this consumer, up to `count` per read. On a single Redis one
+    /// `XREADGROUP` over every stream, blocking up to `block_ms`; on a cluster, whose streams
+    /// live on different shards (a multi-key read would cross slots), one non-blocking read
+    /// per stream, all at once.
+    pub(super) async fn read_new(
+        &self,
+        conn: &mut crate::redis_io::Conn,
+        count: usize,
+        block_ms: Option<u64>,
+    ) -> Result<Vec<Entry>> {
+        let count = count.min(self.read_count(&mut self.redis.commands()).await);
+        if !self.redis.is_cluster() {
+            let entries = read_group(
+                conn,
+                &self.config.name,
+                &self.instance,
+                &self.keys,
+                ">",
+                count,
+                block_ms,
+            )
+            .await?;
+            self.observe(&entries);
+            return Ok(entries);
+        }
+        let reads = self.keys.iter().enumerate().map(|(stream, key)| {
+            let mut conn = conn.clone();
+            async move {
+                let entries = read_group(
+                    &mut conn,
+                    &self.config.name,
+                    &self.instance,
+                    std::slice::from_ref(key),
+                    ">",
+                    count,
+                    None,
+                )
+                .await?;
+                Ok::<Vec<Entry>, Error>(
+                    entries
+                        .into_iter()
+                        .map(|mut e| {
+                            e.stream = stream;
+                            e
+                        })
+                        .collect(),
+                )
+            }
+        });
+        let mut out = Vec::new();
+        for entries in futures_util::future::join_all(reads).await {
+            out.extend(entries?);
+        }
+        self.observe(&out);
+        Ok(out)
+    }
 }

@@ -185,7 +185,7 @@ listen = ""
     }
     crate::outln!("3. the fulfillment service commits {} events to its outbox (LATE-4004's picking arrives after its shipped)", events.len());
 
-    let pools = crate::app::pools(&config)?;
+    let pools = crate::db::pools(&config)?;
     let mut relays = crate::relay::build_all(&config, &pools, &redis)?;
     let never = CancellationToken::new();
     let s = relays[0].drain(None, &never, |_| {}).await?;
@@ -207,7 +207,7 @@ listen = ""
         .await
         .map_err(Error::redis("XRANGE"))?;
     let dup_data = find_entry(&dup, "DUP-3003")
-        .ok_or_else(|| Error::Other("demo: DUP-3003's entry is missing".into()))?;
+        .ok_or_else(|| Error::Incomplete("demo: DUP-3003's entry is missing".into()))?;
     let _: String = redis::cmd("XADD")
         .arg(&key)
         .arg("*")
@@ -366,7 +366,7 @@ MULTI-2002, two warehouses, event by event:"
     if ok {
         Ok(())
     } else {
-        Err(Error::Other("demo: unexpected final statuses".into()))
+        Err(Error::Incomplete("demo: unexpected final statuses".into()))
     }
 }
 

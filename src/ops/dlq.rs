@@ -5,14 +5,14 @@
 //! quarantined rows; `discard` removes them. Both act only on what is selected by `--id`
 //! or `--all` (with the filters), and print each item as they act on it.
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::error::{Error, Result};
 use crate::inbox::dlq::dlq_key;
 use crate::redis_io::Redis;
 use redis::Value;
 
 /// The configured databases' pools, built once per command.
-type Pools = std::collections::HashMap<String, deadpool_postgres::Pool>;
+use crate::db::Pools;
 use serde::Serialize;
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -211,7 +211,7 @@ pub async fn retry_dead_letter(redis: &Redis, letter: &DeadLetter) -> Result<Str
     }
     if !any {
         // an entry deleted before it was acknowledged has nothing to put back
-        return Err(Error::Other(format!(
+        return Err(Error::Incomplete(format!(
             "dead letter {} keeps no original fields; discard it instead",
             letter.id
         )));
@@ -251,10 +251,10 @@ pub async fn act_on_row(
         .relays
         .iter()
         .find(|r| format!("{}.{}", r.database, r.table) == row.relay)
-        .ok_or_else(|| Error::Other(format!("relay {} not configured", row.relay)))?;
-    let pool = pools
-        .get(&relay.database)
-        .ok_or_else(|| Error::Other(format!("database {} not configured", relay.database)))?;
+        .ok_or_else(|| ConfigError::new("relays", format!("relay {} not configured", row.relay)))?;
+    let pool = pools.get(&relay.database).ok_or_else(|| {
+        ConfigError::new(format!("databases.{}", relay.database), "not configured")
+    })?;
     let table = crate::db::quote_qualified(&relay.table);
     let sql = if retry {
         format!("UPDATE {table} SET quarantined_at = NULL, attempts = 0 WHERE id = $1 AND quarantined_at IS NOT NULL")
@@ -296,7 +296,7 @@ pub async fn run(
     }
     let redis = Redis::for_config(config)?;
     let letters = dead_letters(config, &redis, &sel).await?;
-    let pools = crate::app::pools(config)?;
+    let pools = crate::db::pools(config)?;
     let rows = quarantined(config, &pools, &sel).await?;
     match action {
         Action::List => {

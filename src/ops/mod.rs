@@ -5,6 +5,7 @@
 
 pub mod demo;
 pub mod dlq;
+pub mod once;
 pub mod prune;
 pub mod replay;
 pub mod status;

@@ -4,7 +4,7 @@
 //! pruning it before the last possible redelivery or replay of that event would let it apply
 //! twice, so D must exceed the stream's retention and any replay window.
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::error::{Error, Result};
 use std::time::Duration;
 
@@ -53,11 +53,11 @@ pub async fn run(config: &Config, older_than: Duration, batch: u32) -> Result<()
     if config.consumers.is_empty() {
         return Err(crate::config::ConfigError::new("consumers", "no consumer configured").into());
     }
-    let pools = crate::app::pools(config)?;
+    let pools = crate::db::pools(config)?;
     for c in &config.consumers {
-        let pool = pools
-            .get(&c.database)
-            .ok_or_else(|| Error::Other(format!("database {} is not configured", c.database)))?;
+        let pool = pools.get(&c.database).ok_or_else(|| {
+            ConfigError::new(format!("databases.{}", c.database), "not configured")
+        })?;
         let bound = config.database(&c.database)?.query_timeout();
         let ctx = format!("inbox prune {}", c.name);
         let client = crate::db::bounded(bound, &ctx, async {

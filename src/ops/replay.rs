@@ -14,7 +14,7 @@ use std::time::SystemTime;
 
 /// A point in time given as RFC 3339 (`2026-11-22T08:00:00Z`) or as a duration ago (`2h`).
 pub fn parse_instant(text: &str) -> Result<SystemTime, String> {
-    if let Some(t) = crate::inbox::parse_rfc3339(text.trim()) {
+    if let Some(t) = crate::envelope::parse_rfc3339(text.trim()) {
         return Ok(t);
     }
     let ago = crate::config::parse_duration(text).map_err(|_| {
@@ -44,7 +44,7 @@ pub async fn replay(
     until: SystemTime,
     relay_filter: Option<&str>,
 ) -> Result<Vec<(String, u64)>> {
-    let pools = crate::app::pools(config)?;
+    let pools = crate::db::pools(config)?;
     let redis = Redis::for_config(config)?;
     let relays: Vec<_> = crate::relay::build_all(config, &pools, &redis)?
         .into_iter()

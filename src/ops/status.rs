@@ -11,8 +11,6 @@ use deadpool_postgres::Pool;
 use redis::Value;
 use serde::Serialize;
 use std::collections::HashMap;
-use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -256,7 +254,7 @@ fn int(v: &Value) -> Option<u64> {
 }
 
 pub async fn run(config: &Config, json: bool) -> Result<()> {
-    let pools = crate::app::pools(config)?;
+    let pools = crate::db::pools(config)?;
     let redis = Redis::for_config(config)?;
     let status = collect(config, &pools, &redis, true).await;
     // What could be read is printed; anything that could not makes the command fail (exit
@@ -279,7 +277,7 @@ pub async fn run(config: &Config, json: bool) -> Result<()> {
     let outcome = if failures.is_empty() {
         Ok(())
     } else {
-        Err(Error::Other(format!(
+        Err(Error::Incomplete(format!(
             "status is incomplete: {}",
             failures.join("; ")
         )))
@@ -287,7 +285,7 @@ pub async fn run(config: &Config, json: bool) -> Result<()> {
     if json {
         crate::outln!(
             "{}",
-            serde_json::to_string(&status).map_err(|e| Error::Other(e.to_string()))?
+            serde_json::to_string(&status).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
         );
         return outcome;
     }
@@ -362,84 +360,4 @@ pub async fn run(config: &Config, json: bool) -> Result<()> {
         );
     }
     outcome
-}
-
-/// Keeps the backlog and lag gauges current while the daemon runs (every 5 s).
-pub async fn refresh_gauges_forever(
-    config: Config,
-    pools: HashMap<String, Pool>,
-    redis: Redis,
-    shutdown: CancellationToken,
-) {
-    let m = crate::telemetry::metrics();
-    // Each round is bounded as a whole too, so that a server gone silent cannot stop the
-    // gauges for longer than a round's bound (its figures are then simply not refreshed).
-    let bound = config.largest_operation_bound() * 2;
-    loop {
-        let Ok(status) = tokio::time::timeout(bound, collect(&config, &pools, &redis, false)).await
-        else {
-            tracing::warn!("refreshing the gauges timed out; will try again");
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
-            }
-            continue;
-        };
-        for o in &status.outboxes {
-            if o.error.is_none() {
-                m.outbox_backlog_rows
-                    .with_label_values(&[&o.database, &o.table])
-                    .set(o.backlog_rows);
-                m.outbox_oldest_age_seconds
-                    .with_label_values(&[&o.database, &o.table])
-                    .set(o.oldest_age_seconds.unwrap_or(0.0));
-            }
-        }
-        for c in &status.consumers {
-            if c.error.is_none() {
-                m.consumer_lag
-                    .with_label_values(&[&c.name, &c.stream])
-                    .set(c.lag.unwrap_or(0) as i64);
-                m.consumer_pending
-                    .with_label_values(&[&c.name, &c.stream])
-                    .set(c.pending as i64);
-            }
-        }
-        if let Ok(Some(age)) =
-            tokio::time::timeout(bound, oldest_confirmed_order_age(&config, &pools)).await
-        {
-            m.oldest_confirmed_order_age_seconds.set(age);
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-        }
-    }
-}
-
-/// Age of the oldest order still `confirmed` (or `payment_confirmed`) over the databases of
-/// the `order_status` consumers; 0 when there is none, `None` when it cannot be read.
-pub async fn oldest_confirmed_order_age(
-    config: &Config,
-    pools: &HashMap<String, Pool>,
-) -> Option<f64> {
-    let mut oldest: Option<f64> = None;
-    for c in config
-        .consumers
-        .iter()
-        .filter(|c| c.handler == "order_status")
-    {
-        let pool = pools.get(&c.database)?;
-        let o = &c.orders;
-        let sql = format!(
-            "SELECT coalesce(extract(epoch FROM now() - min({updated}))::float8, 0) FROM {table} WHERE {status} IN ('confirmed', 'payment_confirmed')",
-            updated = crate::db::quote_ident(&o.updated_at_column),
-            table = crate::db::quote_qualified(&o.table),
-            status = crate::db::quote_ident(&o.status_column),
-        );
-        let client = pool.get().await.ok()?;
-        let age: f64 = client.query_one(&sql, &[]).await.ok()?.get(0);
-        oldest = Some(oldest.map_or(age, |o| o.max(age)));
-    }
-    Some(oldest.unwrap_or(0.0))
 }

@@ -100,11 +100,10 @@ pub async fn publish(
         .await
         .map_err(Error::redis("publishing a batch"))?;
     if replies.len() != keys.len() {
-        return Err(Error::Other(format!(
-            "Redis answered {} replies to a pipeline of {}",
-            replies.len(),
-            keys.len()
-        )));
+        return Err(Error::UnexpectedReply {
+            command: "publishing a batch".into(),
+            reply: format!("{} replies to a pipeline of {}", replies.len(), keys.len()),
+        });
     }
     let mut out: Vec<EntryResult> = (0..entries.len()).map(|_| EntryResult::NotSent).collect();
     for ((_, members), reply) in keys.iter().zip(replies) {

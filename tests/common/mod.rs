@@ -300,30 +300,105 @@ pub async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
     client.query_one(sql, &[]).await.expect(sql).get(0)
 }
 
+/// A test's configuration, section by section, so that each test says only what it needs
+/// (the servers, its databases, relays and consumers, and the settings it is about) and the
+/// rest comes from one place. `[http] listen = ""` unless a test sets its own `[http]`.
+#[derive(Debug, Clone)]
+pub struct TestConfig {
+    redis: String,
+    prefix: String,
+    sections: Vec<String>,
+}
+
+impl TestConfig {
+    /// On the suite's Redis, with the test's stream prefix.
+    pub fn new(prefix: &str) -> TestConfig {
+        TestConfig {
+            redis: format!("url = \"{}\"", redis_url()),
+            prefix: prefix.to_string(),
+            sections: Vec::new(),
+        }
+    }
+
+    /// `[databases.<name>]` at `url`.
+    pub fn database(mut self, name: &str, url: &str) -> TestConfig {
+        self.sections
+            .push(format!("[databases.{name}]\nurl = \"{url}\""));
+        self
+    }
+
+    /// A `[[relays]]` entry on `database`, with `settings` (TOML lines) added.
+    pub fn relay(mut self, database: &str, settings: &str) -> TestConfig {
+        self.sections
+            .push(format!("[[relays]]\ndatabase = \"{database}\"\n{settings}"));
+        self
+    }
+
+    /// A `[[consumers]]` entry named `name` on `database` reading `streams` with `handler`
+    /// (`order_status`, or `sql` with a `function` line in `settings`).
+    pub fn consumer(
+        mut self,
+        name: &str,
+        database: &str,
+        streams: &[&str],
+        handler: &str,
+        settings: &str,
+    ) -> TestConfig {
+        let streams: Vec<String> = streams.iter().map(|s| format!("\"{s}\"")).collect();
+        self.sections.push(format!(
+            "[[consumers]]\nname = \"{name}\"\ndatabase = \"{database}\"\nstreams = [{}]\nhandler = \"{handler}\"\n{settings}",
+            streams.join(", ")
+        ));
+        self
+    }
+
+    /// Any other TOML, as it is.
+    pub fn section(mut self, toml: &str) -> TestConfig {
+        self.sections.push(toml.to_string());
+        self
+    }
+
+    pub fn toml(&self) -> String {
+        let mut out = format!(
+            "[redis]\n{}\nstream_prefix = \"{}\"\n",
+            self.redis, self.prefix
+        );
+        for section in &self.sections {
+            out.push('\n');
+            out.push_str(section);
+            out.push('\n');
+        }
+        if !self
+            .sections
+            .iter()
+            .any(|s| s.trim_start().starts_with("[http]"))
+        {
+            out.push_str("\n[http]\nlisten = \"\"\n");
+        }
+        out
+    }
+
+    /// Written to a file of the test's own.
+    pub fn write(&self, tag: &str) -> std::path::PathBuf {
+        write_config(tag, &self.toml())
+    }
+
+    /// Written, and `outboxd migrate` run on it (which must succeed).
+    pub fn migrated(&self, tag: &str) -> std::path::PathBuf {
+        let cfg = self.write(tag);
+        let (code, out, err) = run_bin(&["--config", cfg.to_str().unwrap(), "migrate"], &[]);
+        assert_eq!(code, 0, "migrate: {out}{err}");
+        cfg
+    }
+}
+
 /// The TOML of a relay-only config over one database.
 pub fn relay_config(db_url: &str, prefix: &str, extra_relay: &str) -> String {
-    format!(
-        r#"
-[redis]
-url = "{redis}"
-stream_prefix = "{prefix}"
-
-[databases.main]
-url = "{db_url}"
-
-[[relays]]
-database = "main"
-table = "outbox"
-{extra_relay}
-
-[http]
-listen = ""
-
-[shutdown]
-timeout_ms = 10000
-"#,
-        redis = redis_url()
-    )
+    TestConfig::new(prefix)
+        .database("main", db_url)
+        .relay("main", &format!("table = \"outbox\"\n{extra_relay}"))
+        .section("[shutdown]\ntimeout_ms = 10000")
+        .toml()
 }
 
 /// Inserts `n` rows spread over `aggregates` aggregates, in one statement per 5,000 rows;

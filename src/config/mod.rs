@@ -165,6 +165,24 @@ pub struct RelayConfig {
     pub archive_retention_hours: u64,
 }
 
+/// The `handler` key of a consumer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HandlerKind {
+    OrderStatus,
+    Sql,
+}
+
+/// What a consumer does with its events, as a value that cannot be built wrong: the
+/// `handler` key together with the `function` only `sql` has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandlerChoice {
+    /// Fulfillment events move orders along (`handler = "order_status"`).
+    OrderStatus,
+    /// `SELECT function($1::jsonb)` for each event (`handler = "sql"`).
+    Sql { function: String },
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConsumerConfig {
@@ -174,8 +192,8 @@ pub struct ConsumerConfig {
     pub database: String,
     /// Topics (stream keys before the prefix) this consumer reads.
     pub streams: Vec<String>,
-    /// `order_status` or `sql`.
-    pub handler: String,
+    /// `order_status` or `sql` (see [`ConsumerConfig::handler_choice`]).
+    pub handler: HandlerKind,
     /// For `handler = "sql"`: the function called as `SELECT function($1::jsonb)`.
     #[serde(default)]
     pub function: Option<String>,
@@ -295,7 +313,14 @@ impl Default for ShutdownConfig {
     }
 }
 
+/// How much longer than its block time a blocking read may take before its connection
+/// counts as dead.
+pub const BLOCKING_READ_MARGIN: Duration = std::time::Duration::from_secs(5);
+
 /// Named defaults, one function per field so serde and the docs agree.
+mod validate;
+pub use validate::{validate_identifier, validate_table_name, validate_topic};
+
 pub mod defaults {
     pub fn redis_url() -> String {
         "redis://127.0.0.1:6379".into()
@@ -457,292 +482,6 @@ impl Config {
         Ok(())
     }
 
-    /// Rejects what cannot work, naming the key.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let r = &self.redis;
-        if r.url.is_empty() {
-            return Err(ConfigError::new("redis.url", "must not be empty"));
-        }
-        if !(r.url.starts_with("redis://")
-            || r.url.starts_with("rediss://")
-            || r.url.starts_with("unix://"))
-        {
-            return Err(ConfigError::new(
-                "redis.url",
-                format!("{} is not a redis:// or rediss:// URL", redact_url(&r.url)),
-            ));
-        }
-        if !r.cluster.is_empty() && r.url != defaults::redis_url() {
-            return Err(ConfigError::new(
-                "redis.cluster",
-                "set either redis.url (one server) or redis.cluster (seed nodes), not both",
-            ));
-        }
-        for (i, node) in r.cluster.iter().enumerate() {
-            if !(node.starts_with("redis://") || node.starts_with("rediss://")) {
-                return Err(ConfigError::new(
-                    format!("redis.cluster[{i}]"),
-                    format!("{} is not a redis:// or rediss:// URL", redact_url(node)),
-                ));
-            }
-        }
-        if r.url.contains("#insecure") {
-            return Err(ConfigError::new(
-                "redis.url",
-                "#insecure (TLS without checking the server's certificate) is not supported: set redis.ca_file to the CA that signed the server's certificate",
-            ));
-        }
-        if let Some(ca_file) = &r.ca_file {
-            let tls = if r.cluster.is_empty() {
-                r.url.starts_with("rediss://")
-            } else {
-                r.cluster.iter().all(|n| n.starts_with("rediss://"))
-            };
-            if !tls {
-                return Err(ConfigError::new(
-                    "redis.ca_file",
-                    format!(
-                        "is set, but redis.url {} (or a redis.cluster node) is not a rediss:// (TLS) URL",
-                        redact_url(&r.url)
-                    ),
-                ));
-            }
-            crate::tls::read_ca_file(ca_file)
-                .map_err(|message| ConfigError::new("redis.ca_file", message))?;
-        }
-        validate_text("redis.stream_prefix", &r.stream_prefix, 200, true)?;
-        positive("redis.response_timeout_ms", r.response_timeout_ms)?;
-        positive("redis.connect_timeout_ms", r.connect_timeout_ms)?;
-        for (name, db) in &self.databases {
-            let key = format!("databases.{name}");
-            validate_identifier(&key, name)?;
-            if db.url.trim().is_empty() {
-                return Err(ConfigError::new(format!("{key}.url"), "missing URL"));
-            }
-            // sslmode, sslrootcert (the CA file must be readable and hold certificates) and
-            // everything tokio-postgres checks.
-            crate::db::pg_config(name, db)?;
-            if db.pool_size == 0 || db.pool_size > 1000 {
-                return Err(ConfigError::new(
-                    format!("{key}.pool_size"),
-                    "must be between 1 and 1000",
-                ));
-            }
-            positive(&format!("{key}.query_timeout_ms"), db.query_timeout_ms)?;
-        }
-        for (i, relay) in self.relays.iter().enumerate() {
-            let key = format!("relays[{i}]");
-            self.known_database(&format!("{key}.database"), &relay.database)?;
-            validate_table_name(&format!("{key}.table"), &relay.table)?;
-            if relay.batch_size == 0 || relay.batch_size > 100_000 {
-                return Err(ConfigError::new(
-                    format!("{key}.batch_size"),
-                    "must be between 1 and 100000",
-                ));
-            }
-            positive(&format!("{key}.poll_interval_ms"), relay.poll_interval_ms)?;
-            if relay.linger_ms > 1000 {
-                return Err(ConfigError::new(
-                    format!("{key}.linger_ms"),
-                    "must be at most 1000",
-                ));
-            }
-            positive(
-                &format!("{key}.max_attempts"),
-                u64::from(relay.max_attempts),
-            )?;
-            if relay.max_entry_bytes < 1024 || relay.max_entry_bytes > 512 * 1024 * 1024 {
-                return Err(ConfigError::new(
-                    format!("{key}.max_entry_bytes"),
-                    "must be between 1024 and 536870912",
-                ));
-            }
-            if relay.max_batch_bytes < 64 * 1024 || relay.max_batch_bytes > 1024 * 1024 * 1024 {
-                return Err(ConfigError::new(
-                    format!("{key}.max_batch_bytes"),
-                    "must be between 65536 and 1073741824",
-                ));
-            }
-            if relay.archive_retention_hours > 24 * 366 {
-                return Err(ConfigError::new(
-                    format!("{key}.archive_retention_hours"),
-                    "must be at most 8784 (a year)",
-                ));
-            }
-            if let Some(source) = &relay.source {
-                validate_text(&format!("{key}.source"), source, 1000, false)?;
-            }
-            let duplicate = self.relays[..i]
-                .iter()
-                .any(|o| o.database == relay.database && o.table == relay.table);
-            if duplicate {
-                return Err(ConfigError::new(
-                    key,
-                    format!(
-                        "relays the table {} of database {} a second time",
-                        relay.table, relay.database
-                    ),
-                ));
-            }
-        }
-        for (i, consumer) in self.consumers.iter().enumerate() {
-            let key = format!("consumers[{i}]");
-            validate_text(&format!("{key}.name"), &consumer.name, 200, false)?;
-            if consumer.max_read_bytes < 64 * 1024 || consumer.max_read_bytes > 1024 * 1024 * 1024 {
-                return Err(ConfigError::new(
-                    format!("{key}.max_read_bytes"),
-                    "must be between 65536 and 1073741824",
-                ));
-            }
-            self.known_database(&format!("{key}.database"), &consumer.database)?;
-            if consumer.streams.is_empty() {
-                return Err(ConfigError::new(
-                    format!("{key}.streams"),
-                    "must name at least one stream",
-                ));
-            }
-            for (j, stream) in consumer.streams.iter().enumerate() {
-                validate_topic(&format!("{key}.streams[{j}]"), stream)?;
-            }
-            match consumer.handler.as_str() {
-                "order_status" => {}
-                "sql" => match &consumer.function {
-                    Some(f) => validate_table_name(&format!("{key}.function"), f)?,
-                    None => return Err(ConfigError::new(
-                        format!("{key}.function"),
-                        "handler = \"sql\" needs function = \"<name of a PostgreSQL function>\"",
-                    )),
-                },
-                other => {
-                    return Err(ConfigError::new(
-                        format!("{key}.handler"),
-                        format!("unknown handler {other:?} (expected \"order_status\" or \"sql\")"),
-                    ))
-                }
-            }
-            positive(
-                &format!("{key}.max_deliveries"),
-                u64::from(consumer.max_deliveries),
-            )?;
-            if consumer.batch_size == 0 || consumer.batch_size > 10_000 {
-                return Err(ConfigError::new(
-                    format!("{key}.batch_size"),
-                    "must be between 1 and 10000",
-                ));
-            }
-            positive(&format!("{key}.block_ms"), consumer.block_ms)?;
-            if consumer.linger_ms > 1000 {
-                return Err(ConfigError::new(
-                    format!("{key}.linger_ms"),
-                    "must be at most 1000",
-                ));
-            }
-            positive(&format!("{key}.claim_idle_ms"), consumer.claim_idle_ms)?;
-            if let Some(name) = &consumer.consumer_name {
-                validate_text(&format!("{key}.consumer_name"), name, 200, false)?;
-            }
-            validate_table_name(&format!("{key}.inbox_table"), &consumer.inbox_table)?;
-            validate_table_name(&format!("{key}.outbox_table"), &consumer.outbox_table)?;
-            let o = &consumer.orders;
-            validate_table_name(&format!("{key}.orders.table"), &o.table)?;
-            validate_identifier(&format!("{key}.orders.id_column"), &o.id_column)?;
-            validate_identifier(&format!("{key}.orders.status_column"), &o.status_column)?;
-            validate_identifier(
-                &format!("{key}.orders.updated_at_column"),
-                &o.updated_at_column,
-            )?;
-            crate::handlers::rules::StatusMapping::with_overrides(
-                consumer
-                    .status_mapping
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_str())),
-            )
-            .map_err(|message| ConfigError::new(format!("{key}.status_mapping"), message))?;
-            if consumer.inbox_retention_hours > 0 {
-                let replay = self
-                    .relays
-                    .iter()
-                    .map(|r| r.archive_retention_hours)
-                    .max()
-                    .unwrap_or(0);
-                let stream_age = self
-                    .topics
-                    .iter()
-                    .filter(|t| consumer.streams.contains(&t.name))
-                    .filter_map(|t| t.max_age_hours)
-                    .max()
-                    .unwrap_or(0);
-                let horizon = replay.max(stream_age).max(24);
-                if consumer.inbox_retention_hours <= horizon {
-                    return Err(ConfigError::new(
-                        format!("{key}.inbox_retention_hours"),
-                        format!(
-                            "{} hours is not longer than the redelivery horizon of {horizon} hours (relays' archive_retention_hours, the streams' max_age_hours, at least 24): an event redelivered after its inbox row is gone would apply twice",
-                            consumer.inbox_retention_hours
-                        ),
-                    ));
-                }
-            }
-            if self.consumers[..i].iter().any(|o| o.name == consumer.name) {
-                return Err(ConfigError::new(
-                    format!("{key}.name"),
-                    format!("consumer name {:?} is used twice", consumer.name),
-                ));
-            }
-        }
-        if !self.http.listen.is_empty() {
-            self.http
-                .listen
-                .parse::<std::net::SocketAddr>()
-                .map_err(|e| {
-                    ConfigError::new(
-                        "http.listen",
-                        format!(
-                            "{:?} is not an address like 127.0.0.1:9464: {e}",
-                            self.http.listen
-                        ),
-                    )
-                })?;
-        }
-        for (i, topic) in self.topics.iter().enumerate() {
-            validate_topic(&format!("topics[{i}].name"), &topic.name)?;
-            if let Some(p) = topic.partitions {
-                if p == 0 || p > 1024 {
-                    return Err(ConfigError::new(
-                        format!("topics[{i}].partitions"),
-                        "must be between 1 and 1024",
-                    ));
-                }
-            }
-            if self.topics[..i].iter().any(|t| t.name == topic.name) {
-                return Err(ConfigError::new(
-                    format!("topics[{i}].name"),
-                    format!("topic {:?} is configured twice", topic.name),
-                ));
-            }
-        }
-        positive("shutdown.timeout_ms", self.shutdown.timeout_ms)?;
-        Ok(())
-    }
-
-    fn known_database(&self, key: &str, name: &str) -> Result<(), ConfigError> {
-        if self.databases.contains_key(name) {
-            return Ok(());
-        }
-        let known: Vec<&str> = self.databases.keys().map(String::as_str).collect();
-        Err(ConfigError::new(
-            key,
-            format!(
-                "unknown database {name:?} (configured: {})",
-                if known.is_empty() {
-                    "none".to_string()
-                } else {
-                    known.join(", ")
-                }
-            ),
-        ))
-    }
-
     pub fn database(&self, name: &str) -> Result<&DatabaseConfig, ConfigError> {
         self.databases
             .get(name)
@@ -766,7 +505,7 @@ impl Config {
         let read = self
             .consumers
             .iter()
-            .map(|c| c.block_ms + crate::redis_io::BLOCKING_READ_MARGIN.as_millis() as u64)
+            .map(|c| c.block_ms + BLOCKING_READ_MARGIN.as_millis() as u64)
             .max()
             .unwrap_or(0);
         Duration::from_millis(query.max(read).max(self.redis.response_timeout_ms))
@@ -804,81 +543,6 @@ fn key_at(text: &str, offset: usize) -> String {
         (Some(t), Some(k)) if !k.is_empty() => format!("{t}.{k} (line {line_no})"),
         (None, Some(k)) if !k.is_empty() => format!("{k} (line {line_no})"),
         _ => format!("line {line_no}"),
-    }
-}
-
-fn positive(key: &str, value: u64) -> Result<(), ConfigError> {
-    if value == 0 {
-        return Err(ConfigError::new(key, "must be greater than 0"));
-    }
-    Ok(())
-}
-
-fn validate_text(key: &str, value: &str, max: usize, empty_ok: bool) -> Result<(), ConfigError> {
-    if value.is_empty() && !empty_ok {
-        return Err(ConfigError::new(key, "must not be empty"));
-    }
-    if value.len() > max {
-        return Err(ConfigError::new(
-            key,
-            format!("is {} bytes long; at most {max} allowed", value.len()),
-        ));
-    }
-    if value.chars().any(char::is_control) {
-        return Err(ConfigError::new(key, "must not contain control characters"));
-    }
-    Ok(())
-}
-
-/// A topic becomes a stream key: printable, no spaces, bounded.
-pub fn validate_topic(key: &str, topic: &str) -> Result<(), ConfigError> {
-    validate_text(key, topic, 200, false)?;
-    if topic.chars().any(char::is_whitespace) {
-        return Err(ConfigError::new(
-            key,
-            format!("{topic:?} contains white space"),
-        ));
-    }
-    Ok(())
-}
-
-/// A plain SQL identifier: letters, digits and `_`, not starting with a digit, at most 63
-/// bytes. Everything outboxd splices into SQL passes this check and is then quoted too.
-pub fn validate_identifier(key: &str, ident: &str) -> Result<(), ConfigError> {
-    let ok = !ident.is_empty()
-        && ident.len() <= 63
-        && ident
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && ident.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-    if ok {
-        Ok(())
-    } else {
-        Err(ConfigError::new(
-            key,
-            format!(
-                "{:?} is not a valid identifier (letters, digits and _, not starting with a digit, at most 63 characters)",
-                truncate(ident, 80)
-            ),
-        ))
-    }
-}
-
-/// `table` or `schema.table`, each part an identifier.
-pub fn validate_table_name(key: &str, name: &str) -> Result<(), ConfigError> {
-    let mut parts = name.split('.');
-    let (first, second, rest) = (parts.next(), parts.next(), parts.next());
-    match (first, second, rest) {
-        (Some(t), None, None) => validate_identifier(key, t),
-        (Some(s), Some(t), None) => {
-            validate_identifier(key, s)?;
-            validate_identifier(key, t)
-        }
-        _ => Err(ConfigError::new(
-            key,
-            format!("{:?} must be table or schema.table", truncate(name, 80)),
-        )),
     }
 }
 
@@ -1093,8 +757,8 @@ database = "fulfillment"
     #[test]
     fn shipped_example_configs_are_valid() {
         for text in [
-            include_str!("../config/outboxd.example.toml"),
-            include_str!("../config/minimal.toml"),
+            include_str!("../../config/outboxd.example.toml"),
+            include_str!("../../config/minimal.toml"),
         ] {
             Config::parse(text)
                 .expect("parses")

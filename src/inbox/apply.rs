@@ -1,0 +1,451 @@
+//! Applying a batch: decode and triage each entry (undecodable or unhandled: dead-lettered
+//! now), apply the rest in one transaction, redoing it without any event whose handler fails
+//! (no savepoint round trips), record each event ID in the inbox in that same transaction,
+//! acknowledge after the commit, then settle the failures (retry while deliveries remain,
+//! dead-letter after). The effects themselves are the handler's (`handlers`).
+
+use super::dlq;
+use super::read::{self, Entry};
+use super::{Consumer, Tally};
+use crate::envelope::{decode, Incoming};
+use crate::error::{Error, Result};
+use crate::events::{result, EventRef};
+use crate::handlers::{HandleError, Outcome};
+use crate::metrics::metrics;
+use std::collections::{HashMap, HashSet};
+use std::time::Instant;
+
+pub(super) struct Work {
+    entry: usize,
+    event: Incoming,
+    hash: i64,
+    lock_key: Option<String>,
+}
+
+/// The event ID and aggregate ID (the order, for `order_status`) of entry `entry` of a batch,
+/// for the logs; empty where the entry could not be read that far.
+fn ids_of(work: &[Work], entry: usize) -> (&str, &str) {
+    work.iter()
+        .find(|w| w.entry == entry)
+        .map_or(("", ""), |w| {
+            (
+                w.event.event_id.as_str(),
+                w.lock_key.as_deref().unwrap_or(""),
+            )
+        })
+}
+
+/// Whether any of `entries` is large (see [`crate::large_work`]).
+pub(super) fn carries_large_entries(entries: &[Entry]) -> bool {
+    entries.iter().any(|e| {
+        e.fields
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
+            >= crate::large_work::LARGE_EVENT_BYTES
+    })
+}
+
+impl Consumer {
+    /// Handles one batch: dead-letters what cannot be handled, applies the rest in one
+    /// transaction, acknowledges after the commit.
+    pub async fn process(&self, entries: Vec<Entry>, fresh: bool) -> Result<Tally> {
+        let started = Instant::now();
+        let mut tally = Tally::default();
+        if entries.is_empty() {
+            return Ok(tally);
+        }
+        let large = carries_large_entries(&entries);
+        let _large_work = if large {
+            Some(crate::large_work::lock().await)
+        } else {
+            None
+        };
+        let mut conn = self.redis.commands();
+        // Delivery counts matter only for entries delivered before (pending or claimed).
+        let mut counts: HashMap<String, u64> = HashMap::new();
+        if !fresh {
+            for (stream, key) in self.keys.iter().enumerate() {
+                let ids: Vec<&str> = entries
+                    .iter()
+                    .filter(|e| e.stream == stream)
+                    .map(|e| e.id.as_str())
+                    .collect();
+                counts
+                    .extend(read::delivery_counts(&mut conn, key, &self.config.name, &ids).await?);
+            }
+        }
+        let deliveries = |e: &Entry| counts.get(&e.id).copied().unwrap_or(1);
+
+        let mut dead: Vec<(usize, String)> = Vec::new();
+        let mut work: Vec<Work> = Vec::with_capacity(entries.len());
+        for (i, entry) in entries.iter().enumerate() {
+            if !entry.present {
+                dead.push((
+                    i,
+                    "entry was deleted from the stream before it was acknowledged".into(),
+                ));
+                continue;
+            }
+            let n = deliveries(entry);
+            if n > u64::from(self.config.max_deliveries) {
+                dead.push((
+                    i,
+                    format!(
+                        "delivered {n} times without being acknowledged (max_deliveries = {})",
+                        self.config.max_deliveries
+                    ),
+                ));
+                continue;
+            }
+            match decode(entry.data(), &self.topics[entry.stream]) {
+                Ok(event) => {
+                    let hash = data_hash(&event.data);
+                    let lock_key = self.handler.lock_key(&event);
+                    work.push(Work {
+                        entry: i,
+                        event,
+                        hash,
+                        lock_key,
+                    });
+                }
+                Err(e) => dead.push((i, e.to_string())),
+            }
+        }
+        // Stable: entries of one order keep their stream order.
+        work.sort_by(|a, b| a.lock_key.cmp(&b.lock_key));
+
+        let mut failed: Vec<(usize, HandleError)> = Vec::new();
+        let mut skips: Vec<(&'static str, String, usize)> = Vec::new();
+        let mut transitions: Vec<(String, String)> = Vec::new();
+        let mut handled: Vec<usize> = Vec::new();
+        loop {
+            let excluded: HashSet<usize> = failed.iter().map(|(i, _)| *i).collect();
+            let active: Vec<&Work> = work
+                .iter()
+                .filter(|w| !excluded.contains(&w.entry))
+                .collect();
+            skips.clear();
+            transitions.clear();
+            handled.clear();
+            // Every step of the transaction is bounded: a connection that stops answering
+            // fails the batch (its entries stay pending), and the pool's checkout check
+            // throws that connection away instead of handing it out again.
+            let bound = self.query_timeout;
+            let ctx = format!("consumer {}: applying a batch", self.config.name);
+            let mut client = crate::db::bounded(bound, &ctx, async {
+                self.pool.get().await.map_err(Error::pool(format!(
+                    "consumer {}: getting a connection",
+                    self.config.name
+                )))
+            })
+            .await?;
+            let tx = crate::db::bounded(bound, &ctx, async {
+                client.transaction().await.map_err(Error::pg(ctx.clone()))
+            })
+            .await?;
+            let mut new_ids: HashSet<String> = HashSet::new();
+            if !active.is_empty() {
+                let event_ids: Vec<&str> =
+                    active.iter().map(|w| w.event.event_id.as_str()).collect();
+                let streams: Vec<&str> = active
+                    .iter()
+                    .map(|w| self.keys[entries[w.entry].stream].as_str())
+                    .collect();
+                let entry_ids: Vec<&str> = active
+                    .iter()
+                    .map(|w| entries[w.entry].id.as_str())
+                    .collect();
+                let hashes: Vec<i64> = active.iter().map(|w| w.hash).collect();
+                let inserted = crate::db::bounded(bound, &ctx, async {
+                    let insert = tx
+                        .prepare_cached(&self.inbox_insert)
+                        .await
+                        .map_err(Error::pg(ctx.clone()))?;
+                    tx.query(
+                        &insert,
+                        &[&self.config.name, &event_ids, &streams, &entry_ids, &hashes],
+                    )
+                    .await
+                    .map_err(Error::pg(ctx.clone()))
+                })
+                .await?;
+                for row in inserted {
+                    new_ids.insert(row.get(0));
+                }
+            }
+            let mut duplicates: Vec<&Work> = Vec::new();
+            let mut to_apply: Vec<&Work> = Vec::new();
+            for w in &active {
+                // The first occurrence of a new event ID is applied; any other is a duplicate.
+                if new_ids.remove(&w.event.event_id) {
+                    to_apply.push(w);
+                } else {
+                    duplicates.push(w);
+                    handled.push(w.entry);
+                }
+            }
+            // Events of different orders are independent, so their statements are pipelined
+            // on the connection: one group per order, each in stream order. Events without a
+            // lock key (the sql handler) form one group, applied strictly in stream order.
+            let mut groups: Vec<Vec<&Work>> = Vec::new();
+            let mut unkeyed: Vec<&Work> = Vec::new();
+            for w in to_apply {
+                match (&w.lock_key, groups.last_mut()) {
+                    (None, _) => unkeyed.push(w),
+                    (Some(k), Some(g)) if g[0].lock_key.as_ref() == Some(k) => g.push(w),
+                    (Some(_), _) => groups.push(vec![w]),
+                }
+            }
+            if !unkeyed.is_empty() {
+                groups.push(unkeyed);
+            }
+            let tx_ref = &tx;
+            let entries_ref = &entries;
+            let handlers = futures_util::future::join_all(groups.iter().map(|group| async move {
+                let mut out = Vec::with_capacity(group.len());
+                for w in group {
+                    let topic = &self.topics[entries_ref[w.entry].stream];
+                    let result = self.handler.handle(tx_ref, topic, &w.event).await;
+                    let stop = result.is_err();
+                    out.push((w.entry, result));
+                    if stop {
+                        break;
+                    }
+                }
+                out
+            }));
+            let results =
+                crate::db::bounded(bound, &ctx, async { Ok::<_, Error>(handlers.await) }).await?;
+            let mut retry_batch = false;
+            for (entry, result) in results.into_iter().flatten() {
+                match result {
+                    Ok(Outcome::Applied { transition }) => {
+                        if let Some(t) = transition {
+                            transitions.push(t);
+                        }
+                        handled.push(entry);
+                    }
+                    Ok(Outcome::Skipped { code, reason }) => {
+                        skips.push((code, reason, entry));
+                        handled.push(entry);
+                    }
+                    Err(HandleError::Transient(e)) => return Err(e),
+                    // Another event's failure aborted the transaction under this one: it is
+                    // not at fault and goes again in the redone batch.
+                    Err(HandleError::Aborted) => retry_batch = true,
+                    Err(e) => {
+                        failed.push((entry, e));
+                        retry_batch = true;
+                    }
+                }
+            }
+            if retry_batch {
+                crate::db::bounded(bound, &ctx, async {
+                    tx.rollback().await.map_err(Error::pg(ctx.clone()))
+                })
+                .await?;
+                continue;
+            }
+            if !duplicates.is_empty() {
+                tally.conflicts +=
+                    crate::db::bounded(bound, &ctx, self.count_conflicts(&tx, &duplicates)).await?;
+            }
+            crate::db::bounded(bound, &ctx, async {
+                tx.commit().await.map_err(Error::pg(ctx.clone()))
+            })
+            .await?;
+            if large {
+                // closed, not pooled: it would keep buffers this large for as long as it lives
+                drop(deadpool_postgres::Object::take(client));
+            }
+            tally.duplicate = duplicates.len() as u64;
+            break;
+        }
+        let committed_at = std::time::SystemTime::now();
+
+        // Acknowledge everything the commit covered, in one round trip.
+        let mut acks: Vec<Vec<&str>> = vec![Vec::new(); self.keys.len()];
+        for &i in &handled {
+            acks[entries[i].stream].push(entries[i].id.as_str());
+        }
+        let acks: Vec<(String, redis::Cmd)> = acks
+            .iter()
+            .enumerate()
+            .filter(|(_, ids)| !ids.is_empty())
+            .map(|(stream, ids)| {
+                let mut cmd = redis::cmd("XACK");
+                cmd.arg(&self.keys[stream]).arg(&self.config.name).arg(ids);
+                (self.keys[stream].clone(), cmd)
+            })
+            .collect();
+        let xack = |e| Error::redis(format!("consumer {}: XACK", self.config.name))(e);
+        for reply in crate::redis_io::pipeline_by_key(&mut conn, acks)
+            .await
+            .map_err(xack)?
+        {
+            reply.map_err(xack)?;
+        }
+        if large {
+            // the shared connection may have carried them (pending and claimed entries)
+            conn.renew().await;
+        }
+
+        // Failures: permanent ones now, retryable ones when out of deliveries.
+        for (i, err) in failed {
+            let entry = &entries[i];
+            let permanent = matches!(err, HandleError::Permanent(_));
+            let n = if fresh && !permanent {
+                read::delivery_counts(
+                    &mut conn,
+                    &self.keys[entry.stream],
+                    &self.config.name,
+                    &[entry.id.as_str()],
+                )
+                .await?
+                .get(&entry.id)
+                .copied()
+                .unwrap_or(1)
+            } else {
+                deliveries(entry)
+            };
+            if permanent || n >= u64::from(self.config.max_deliveries) {
+                dead.push((i, err.to_string()));
+            } else {
+                tally.retrying += 1;
+                let (event_id, aggregate_id) = ids_of(&work, i);
+                crate::events::event_retrying(
+                    EventRef {
+                        consumer: &self.config.name,
+                        entry_id: &entry.id,
+                        event_id,
+                        aggregate_id,
+                    },
+                    n,
+                    &err.to_string(),
+                );
+            }
+        }
+        for (i, reason) in &dead {
+            let entry = &entries[*i];
+            let key = &self.keys[entry.stream];
+            dlq::dead_letter(
+                &mut conn,
+                key,
+                &self.config.name,
+                &self.instance,
+                entry,
+                reason,
+                deliveries(entry).max(1),
+            )
+            .await?;
+            let (event_id, aggregate_id) = ids_of(&work, *i);
+            crate::events::dead_lettered(
+                EventRef {
+                    consumer: &self.config.name,
+                    entry_id: &entry.id,
+                    event_id,
+                    aggregate_id,
+                },
+                key,
+                reason,
+            );
+        }
+        tally.dead_lettered = dead.len() as u64;
+        tally.skipped = skips.len() as u64;
+        tally.applied = (handled.len() as u64).saturating_sub(tally.duplicate + tally.skipped);
+
+        let m = metrics();
+        let name = self.config.name.as_str();
+        for (code, reason, i) in &skips {
+            let event = work.iter().find(|w| w.entry == *i);
+            crate::events::event_skipped(
+                EventRef {
+                    consumer: name,
+                    entry_id: &entries[*i].id,
+                    event_id: event.map(|w| w.event.event_id.as_str()).unwrap_or(""),
+                    aggregate_id: event.and_then(|w| w.lock_key.as_deref()).unwrap_or(""),
+                },
+                code,
+                &reason.to_string(),
+            );
+        }
+        for (from, to) in &transitions {
+            m.order_transitions.with_label_values(&[from, to]).inc();
+        }
+        for (result, n) in [
+            (result::APPLIED, tally.applied),
+            (result::DUPLICATE, tally.duplicate),
+            (result::SKIPPED, tally.skipped),
+            (result::DEAD_LETTERED, tally.dead_lettered),
+        ] {
+            if n > 0 {
+                m.consumer_events
+                    .with_label_values(&[name, result])
+                    .inc_by(n);
+            }
+        }
+        for w in &work {
+            if let Some(created) = w
+                .event
+                .envelope
+                .get("time")
+                .and_then(|t| t.as_str())
+                .and_then(crate::envelope::parse_rfc3339)
+            {
+                if let Ok(age) = committed_at.duration_since(created) {
+                    m.end_to_end_seconds.observe(age.as_secs_f64());
+                }
+            }
+        }
+        m.consumer_batch_seconds
+            .with_label_values(&[name])
+            .observe(started.elapsed().as_secs_f64());
+        Ok(tally)
+    }
+
+    pub(super) async fn count_conflicts(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        duplicates: &[&Work],
+    ) -> Result<u64> {
+        let ids: Vec<&str> = duplicates
+            .iter()
+            .map(|w| w.event.event_id.as_str())
+            .collect();
+        let rows = tx
+            .query(&self.inbox_hashes, &[&self.config.name, &ids])
+            .await
+            .map_err(Error::pg(format!(
+                "consumer {}: reading inbox hashes",
+                self.config.name
+            )))?;
+        let stored: HashMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let mut conflicts = 0;
+        for w in duplicates {
+            if stored.get(&w.event.event_id).is_some_and(|h| *h != w.hash) {
+                conflicts += 1;
+                crate::events::data_conflict(&self.config.name, &w.event.event_id);
+            }
+        }
+        Ok(conflicts)
+    }
+}
+
+/// FNV-1a over the event data's JSON (keys sorted by serde_json's map), to notice the same
+/// event ID arriving with other data.
+fn data_hash(data: &serde_json::Value) -> i64 {
+    crate::fnv::fnv1a64(data.to_string().as_bytes()) as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::data_hash;
+
+    #[test]
+    fn hash_is_key_order_independent() {
+        let a: serde_json::Value = serde_json::from_str(r#"{"a":1,"b":2}"#).expect("json");
+        let b: serde_json::Value = serde_json::from_str(r#"{"b":2,"a":1}"#).expect("json");
+        assert_eq!(data_hash(&a), data_hash(&b));
+    }
+}

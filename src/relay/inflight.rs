@@ -1,0 +1,129 @@
+//! Batches in flight: while one batch publishes and commits, the next claims the rows after
+//! it, when the first is the whole head of the table (see `batches_in_flight`). What a run of
+//! them did is an [`InFlightRun`].
+
+use super::{BatchOutcome, Claimed, Finished, Relay};
+use crate::error::{Error, Result};
+use futures_util::StreamExt;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+/// What a run of pipelined batches did (see [`Relay::batches_in_flight`]).
+#[derive(Debug, Default)]
+pub struct InFlightRun {
+    /// The batches' outcomes, summed.
+    pub outcome: BatchOutcome,
+    /// A batch claimed rows and could publish none of them: other relays hold the heads of
+    /// their aggregates for the moment.
+    pub stalled: bool,
+    /// The first error of a batch; the batches beside it still finished.
+    pub error: Option<Error>,
+}
+
+impl Relay {
+    /// Batches back to back while their claims come back full, up to two in flight: while
+    /// one batch checks its heads, publishes and commits, the next one claims, and checks its
+    /// own heads after that commit.
+    ///
+    /// The next batch is launched early only while the batches were whole heads of the table
+    /// (no row at or below a batch's last id outside it: the single relay draining a
+    /// backlog), and then it claims only rows after those of the batch in flight. Otherwise
+    /// its claim would walk past the locked rows of the batch in flight one by one, which
+    /// costs PostgreSQL more than the overlap saves: the batches then run one after another.
+    /// Any subset of rows is a safe claim (order comes from the head check, not from what is
+    /// claimed), and a row the bound skips (a late commit below it) is seen by the next check,
+    /// which then finds it is not the whole head, so the batch after it starts from the beginning again. The
+    /// wait for the previous commit is for speed too: a check that ran earlier would see the
+    /// previous batch's rows and hold their aggregates back, as with any other relay; after
+    /// the commit they are gone and the check's fast path applies.
+    ///
+    /// Stops launching batches when a claim comes back short, when a batch publishes nothing
+    /// of what it claimed (other relays hold the heads; no point spinning), on an error, or on
+    /// shutdown, and returns once the batches in flight have finished.
+    pub async fn batches_in_flight(
+        &self,
+        relid: u32,
+        shutdown: &CancellationToken,
+        progress: &mut (dyn FnMut(&BatchOutcome) + Send),
+    ) -> InFlightRun {
+        const IN_FLIGHT: usize = 2;
+        let mut run = InFlightRun::default();
+        let mut in_flight = futures_util::stream::FuturesOrdered::new();
+        let mut previous_done: Option<oneshot::Receiver<()>> = None;
+        // the last id claimed by the batch launched last, and whether the batch that finished
+        // last was the whole head of the table
+        let mut last_claimed = 0_i64;
+        let mut claimed_heavy = false;
+        let mut whole_head = false;
+        let mut launch = true;
+        let mut finished = |result: Result<Finished>,
+                            run: &mut InFlightRun,
+                            launch: &mut bool,
+                            whole_head: &mut bool| match result {
+            Ok(Finished {
+                outcome: o,
+                whole_head: c,
+            }) => {
+                *whole_head = c;
+                run.outcome.claimed += o.claimed;
+                run.outcome.published += o.published;
+                run.outcome.failed += o.failed;
+                run.outcome.quarantined += o.quarantined;
+                if o.claimed > 0 && o.published == 0 {
+                    run.stalled = true;
+                    *launch = false;
+                }
+                progress(&o);
+            }
+            Err(e) => {
+                *launch = false;
+                if run.error.is_none() {
+                    run.error = Some(e);
+                }
+            }
+        };
+        loop {
+            let room = in_flight.is_empty()
+                || (whole_head && !claimed_heavy && in_flight.len() < IN_FLIGHT);
+            if launch && room && !shutdown.is_cancelled() {
+                let lower_bound = if in_flight.is_empty() {
+                    0
+                } else {
+                    last_claimed
+                };
+                let (claimed_tx, mut claimed_rx) = oneshot::channel();
+                let (done_tx, done_rx) = oneshot::channel();
+                in_flight.push_back(self.batch(
+                    relid,
+                    lower_bound,
+                    previous_done.replace(done_rx),
+                    claimed_tx,
+                    done_tx,
+                ));
+                // The batches in flight keep moving while this one claims.
+                loop {
+                    tokio::select! {
+                        claimed = &mut claimed_rx => {
+                            match claimed {
+                                Ok(Claimed { full: true, last_id, heavy }) => {
+                                    last_claimed = last_id;
+                                    claimed_heavy = heavy;
+                                }
+                                _ => launch = false,
+                            }
+                            break;
+                        }
+                        Some(result) = in_flight.next() => {
+                            finished(result, &mut run, &mut launch, &mut whole_head)
+                        }
+                    }
+                }
+                continue;
+            }
+            match in_flight.next().await {
+                Some(result) => finished(result, &mut run, &mut launch, &mut whole_head),
+                None => return run,
+            }
+        }
+    }
+}
