@@ -15,24 +15,11 @@ use crate::metrics::metrics;
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
-pub(super) struct Work {
+struct Work {
     entry: usize,
     event: Incoming,
     hash: i64,
     lock_key: Option<String>,
-}
-
-/// The event ID and aggregate ID (the order, for `order_status`) of entry `entry` of a batch,
-/// for the logs; empty where the entry could not be read that far.
-fn ids_of(work: &[Work], entry: usize) -> (&str, &str) {
-    work.iter()
-        .find(|w| w.entry == entry)
-        .map_or(("", ""), |w| {
-            (
-                w.event.event_id.as_str(),
-                w.lock_key.as_deref().unwrap_or(""),
-            )
-        })
 }
 
 /// Whether any of `entries` is large (see [`crate::large_work`]).
@@ -46,14 +33,69 @@ pub(super) fn carries_large_entries(entries: &[Entry]) -> bool {
     })
 }
 
+/// What became of one entry of a batch: every entry ends with exactly one.
+#[derive(Debug)]
+enum Fate {
+    /// Applied in this batch's transaction, with the order transition it made, if any.
+    Applied {
+        transition: Option<(String, String)>,
+    },
+    /// Its event ID was in the inbox already.
+    Duplicate,
+    /// Recorded in the inbox; it changed nothing (backwards, terminal, ...).
+    Skipped { code: &'static str, reason: String },
+    /// Its handler failed: taken out of the batch, then retried or dead-lettered.
+    Failed(HandleError),
+    /// To the dead-letter stream, for this reason.
+    Dead(String),
+}
+
+impl Fate {
+    /// Covered by the commit, so acknowledged after it.
+    fn committed(&self) -> bool {
+        matches!(
+            self,
+            Fate::Applied { .. } | Fate::Duplicate | Fate::Skipped { .. }
+        )
+    }
+}
+
+/// The decoded events of a batch (sorted by lock key, so orders are locked in ID order) and
+/// each entry's fate so far, by entry index.
+struct Triage {
+    work: Vec<Work>,
+    /// `work_of[i]`: the index in `work` of entry `i`, if it decoded.
+    work_of: Vec<Option<usize>>,
+    fates: Vec<Option<Fate>>,
+}
+
+impl Triage {
+    /// The event ID and aggregate ID (the order, for `order_status`) of entry `i`, for the
+    /// logs; empty where the entry could not be read that far.
+    fn ids(&self, i: usize) -> (&str, &str) {
+        self.work_of[i].map_or(("", ""), |k| {
+            let w = &self.work[k];
+            (
+                w.event.event_id.as_str(),
+                w.lock_key.as_deref().unwrap_or(""),
+            )
+        })
+    }
+
+    fn count(&self, which: impl Fn(&Fate) -> bool) -> u64 {
+        self.fates.iter().flatten().filter(|f| which(f)).count() as u64
+    }
+}
+
 impl Consumer {
-    /// Handles one batch: dead-letters what cannot be handled, applies the rest in one
-    /// transaction, acknowledges after the commit.
+    /// Handles one batch, step by step: triage (what can never be handled is dead-lettered),
+    /// apply the rest in one transaction (redone without any event whose handler fails),
+    /// acknowledge what the commit covered, settle the failures (retry or dead-letter),
+    /// report.
     pub async fn process(&self, entries: Vec<Entry>, fresh: bool) -> Result<Tally> {
         let started = Instant::now();
-        let mut tally = Tally::default();
         if entries.is_empty() {
-            return Ok(tally);
+            return Ok(Tally::default());
         }
         let large = carries_large_entries(&entries);
         let _large_work = if large {
@@ -76,26 +118,47 @@ impl Consumer {
             }
         }
         let deliveries = |e: &Entry| counts.get(&e.id).copied().unwrap_or(1);
+        let mut triage = self.triage(&entries, &deliveries);
+        let conflicts = self.apply(&entries, &mut triage, large).await?;
+        let committed_at = std::time::SystemTime::now();
+        self.acknowledge(&mut conn, &entries, &triage).await?;
+        if large {
+            // the shared connection may have carried them (pending and claimed entries)
+            conn.renew().await;
+        }
+        let retrying = self
+            .settle(&mut conn, &entries, &mut triage, fresh, &deliveries)
+            .await?;
+        let tally = Tally {
+            applied: triage.count(|f| matches!(f, Fate::Applied { .. })),
+            duplicate: triage.count(|f| matches!(f, Fate::Duplicate)),
+            skipped: triage.count(|f| matches!(f, Fate::Skipped { .. })),
+            dead_lettered: triage.count(|f| matches!(f, Fate::Dead(_))),
+            retrying,
+            conflicts,
+        };
+        self.report(&entries, &triage, &tally, committed_at, started);
+        Ok(tally)
+    }
 
-        let mut dead: Vec<(usize, String)> = Vec::new();
+    /// Decodes each entry; one that can never be handled (deleted before it was acknowledged,
+    /// delivered too often, not a valid event) is marked dead at once.
+    fn triage(&self, entries: &[Entry], deliveries: &impl Fn(&Entry) -> u64) -> Triage {
+        let mut fates: Vec<Option<Fate>> = (0..entries.len()).map(|_| None).collect();
         let mut work: Vec<Work> = Vec::with_capacity(entries.len());
         for (i, entry) in entries.iter().enumerate() {
             if !entry.present {
-                dead.push((
-                    i,
+                fates[i] = Some(Fate::Dead(
                     "entry was deleted from the stream before it was acknowledged".into(),
                 ));
                 continue;
             }
             let n = deliveries(entry);
             if n > u64::from(self.config.max_deliveries) {
-                dead.push((
-                    i,
-                    format!(
-                        "delivered {n} times without being acknowledged (max_deliveries = {})",
-                        self.config.max_deliveries
-                    ),
-                ));
+                fates[i] = Some(Fate::Dead(format!(
+                    "delivered {n} times without being acknowledged (max_deliveries = {})",
+                    self.config.max_deliveries
+                )));
                 continue;
             }
             match decode(entry.data(), &self.topics[entry.stream]) {
@@ -109,25 +172,35 @@ impl Consumer {
                         lock_key,
                     });
                 }
-                Err(e) => dead.push((i, e.to_string())),
+                Err(e) => fates[i] = Some(Fate::Dead(e.to_string())),
             }
         }
         // Stable: entries of one order keep their stream order.
         work.sort_by(|a, b| a.lock_key.cmp(&b.lock_key));
+        let mut work_of = vec![None; entries.len()];
+        for (k, w) in work.iter().enumerate() {
+            work_of[w.entry] = Some(k);
+        }
+        Triage {
+            work,
+            work_of,
+            fates,
+        }
+    }
 
-        let mut failed: Vec<(usize, HandleError)> = Vec::new();
-        let mut skips: Vec<(&'static str, String, usize)> = Vec::new();
-        let mut transitions: Vec<(String, String)> = Vec::new();
-        let mut handled: Vec<usize> = Vec::new();
+    /// The batch's transaction: the inbox rows of every event, then each new event's handler,
+    /// commit. An event whose handler fails is marked failed and the transaction redone
+    /// without it. Returns the conflicts seen (a duplicate event ID with other data).
+    async fn apply(&self, entries: &[Entry], triage: &mut Triage, large: bool) -> Result<u64> {
+        let Triage { work, fates, .. } = triage;
         loop {
-            let excluded: HashSet<usize> = failed.iter().map(|(i, _)| *i).collect();
-            let active: Vec<&Work> = work
-                .iter()
-                .filter(|w| !excluded.contains(&w.entry))
-                .collect();
-            skips.clear();
-            transitions.clear();
-            handled.clear();
+            // What an aborted round decided is decided again.
+            for fate in fates.iter_mut() {
+                if fate.as_ref().is_some_and(Fate::committed) {
+                    *fate = None;
+                }
+            }
+            let active: Vec<&Work> = work.iter().filter(|w| fates[w.entry].is_none()).collect();
             // Every step of the transaction is bounded: a connection that stops answering
             // fails the batch (its entries stay pending), and the pool's checkout check
             // throws that connection away instead of handing it out again.
@@ -182,7 +255,6 @@ impl Consumer {
                     to_apply.push(w);
                 } else {
                     duplicates.push(w);
-                    handled.push(w.entry);
                 }
             }
             // Events of different orders are independent, so their statements are pipelined
@@ -201,7 +273,7 @@ impl Consumer {
                 groups.push(unkeyed);
             }
             let tx_ref = &tx;
-            let entries_ref = &entries;
+            let entries_ref = entries;
             let handlers = futures_util::future::join_all(groups.iter().map(|group| async move {
                 let mut out = Vec::with_capacity(group.len());
                 for w in group {
@@ -217,25 +289,27 @@ impl Consumer {
             }));
             let results =
                 crate::db::bounded(bound, &ctx, async { Ok::<_, Error>(handlers.await) }).await?;
+            for w in &duplicates {
+                fates[w.entry] = Some(Fate::Duplicate);
+            }
             let mut retry_batch = false;
             for (entry, result) in results.into_iter().flatten() {
                 match result {
                     Ok(Outcome::Applied { transition }) => {
-                        if let Some(t) = transition {
-                            transitions.push(t);
-                        }
-                        handled.push(entry);
+                        fates[entry] = Some(Fate::Applied { transition });
                     }
                     Ok(Outcome::Skipped { code, reason }) => {
-                        skips.push((code, reason, entry));
-                        handled.push(entry);
+                        fates[entry] = Some(Fate::Skipped {
+                            code,
+                            reason: reason.to_string(),
+                        });
                     }
                     Err(HandleError::Transient(e)) => return Err(e),
                     // Another event's failure aborted the transaction under this one: it is
                     // not at fault and goes again in the redone batch.
                     Err(HandleError::Aborted) => retry_batch = true,
                     Err(e) => {
-                        failed.push((entry, e));
+                        fates[entry] = Some(Fate::Failed(e));
                         retry_batch = true;
                     }
                 }
@@ -247,10 +321,11 @@ impl Consumer {
                 .await?;
                 continue;
             }
-            if !duplicates.is_empty() {
-                tally.conflicts +=
-                    crate::db::bounded(bound, &ctx, self.count_conflicts(&tx, &duplicates)).await?;
-            }
+            let conflicts = if duplicates.is_empty() {
+                0
+            } else {
+                crate::db::bounded(bound, &ctx, self.count_conflicts(&tx, &duplicates)).await?
+            };
             crate::db::bounded(bound, &ctx, async {
                 tx.commit().await.map_err(Error::pg(ctx.clone()))
             })
@@ -259,15 +334,22 @@ impl Consumer {
                 // closed, not pooled: it would keep buffers this large for as long as it lives
                 drop(deadpool_postgres::Object::take(client));
             }
-            tally.duplicate = duplicates.len() as u64;
-            break;
+            return Ok(conflicts);
         }
-        let committed_at = std::time::SystemTime::now();
+    }
 
-        // Acknowledge everything the commit covered, in one round trip.
+    /// Acknowledges everything the commit covered, in one round trip.
+    async fn acknowledge(
+        &self,
+        conn: &mut crate::redis_io::Conn,
+        entries: &[Entry],
+        triage: &Triage,
+    ) -> Result<()> {
         let mut acks: Vec<Vec<&str>> = vec![Vec::new(); self.keys.len()];
-        for &i in &handled {
-            acks[entries[i].stream].push(entries[i].id.as_str());
+        for (entry, fate) in entries.iter().zip(&triage.fates) {
+            if fate.as_ref().is_some_and(Fate::committed) {
+                acks[entry.stream].push(entry.id.as_str());
+            }
         }
         let acks: Vec<(String, redis::Cmd)> = acks
             .iter()
@@ -280,24 +362,35 @@ impl Consumer {
             })
             .collect();
         let xack = |e| Error::redis(format!("consumer {}: XACK", self.config.name))(e);
-        for reply in crate::redis_io::pipeline_by_key(&mut conn, acks)
+        for reply in crate::redis_io::pipeline_by_key(conn, acks)
             .await
             .map_err(xack)?
         {
             reply.map_err(xack)?;
         }
-        if large {
-            // the shared connection may have carried them (pending and claimed entries)
-            conn.renew().await;
-        }
+        Ok(())
+    }
 
-        // Failures: permanent ones now, retryable ones when out of deliveries.
-        for (i, err) in failed {
-            let entry = &entries[i];
+    /// Failures: permanent ones dead now, retryable ones when out of deliveries (the others
+    /// stay pending for a retry); then every dead entry to its dead-letter stream. Returns
+    /// how many are left for a retry.
+    async fn settle(
+        &self,
+        conn: &mut crate::redis_io::Conn,
+        entries: &[Entry],
+        triage: &mut Triage,
+        fresh: bool,
+        deliveries: &impl Fn(&Entry) -> u64,
+    ) -> Result<u64> {
+        let mut retrying = 0;
+        for (i, entry) in entries.iter().enumerate() {
+            let Some(Fate::Failed(err)) = &triage.fates[i] else {
+                continue;
+            };
             let permanent = matches!(err, HandleError::Permanent(_));
             let n = if fresh && !permanent {
                 read::delivery_counts(
-                    &mut conn,
+                    conn,
                     &self.keys[entry.stream],
                     &self.config.name,
                     &[entry.id.as_str()],
@@ -310,27 +403,23 @@ impl Consumer {
                 deliveries(entry)
             };
             if permanent || n >= u64::from(self.config.max_deliveries) {
-                dead.push((i, err.to_string()));
+                triage.fates[i] = Some(Fate::Dead(err.to_string()));
             } else {
-                tally.retrying += 1;
-                let (event_id, aggregate_id) = ids_of(&work, i);
+                retrying += 1;
                 crate::events::event_retrying(
-                    EventRef {
-                        consumer: &self.config.name,
-                        entry_id: &entry.id,
-                        event_id,
-                        aggregate_id,
-                    },
+                    self.event_ref(entries, triage, i),
                     n,
                     &err.to_string(),
                 );
             }
         }
-        for (i, reason) in &dead {
-            let entry = &entries[*i];
+        for (i, entry) in entries.iter().enumerate() {
+            let Some(Fate::Dead(reason)) = &triage.fates[i] else {
+                continue;
+            };
             let key = &self.keys[entry.stream];
             dlq::dead_letter(
-                &mut conn,
+                conn,
                 key,
                 &self.config.name,
                 &self.instance,
@@ -339,39 +428,43 @@ impl Consumer {
                 deliveries(entry).max(1),
             )
             .await?;
-            let (event_id, aggregate_id) = ids_of(&work, *i);
-            crate::events::dead_lettered(
-                EventRef {
-                    consumer: &self.config.name,
-                    entry_id: &entry.id,
-                    event_id,
-                    aggregate_id,
-                },
-                key,
-                reason,
-            );
+            crate::events::dead_lettered(self.event_ref(entries, triage, i), key, reason);
         }
-        tally.dead_lettered = dead.len() as u64;
-        tally.skipped = skips.len() as u64;
-        tally.applied = (handled.len() as u64).saturating_sub(tally.duplicate + tally.skipped);
+        Ok(retrying)
+    }
 
+    /// Which event entry `i` is, for a log line.
+    fn event_ref<'a>(&'a self, entries: &'a [Entry], triage: &'a Triage, i: usize) -> EventRef<'a> {
+        let (event_id, aggregate_id) = triage.ids(i);
+        EventRef {
+            consumer: &self.config.name,
+            entry_id: &entries[i].id,
+            event_id,
+            aggregate_id,
+        }
+    }
+
+    /// The batch's metrics and its lines about skipped events.
+    fn report(
+        &self,
+        entries: &[Entry],
+        triage: &Triage,
+        tally: &Tally,
+        committed_at: std::time::SystemTime,
+        started: Instant,
+    ) {
         let m = metrics();
         let name = self.config.name.as_str();
-        for (code, reason, i) in &skips {
-            let event = work.iter().find(|w| w.entry == *i);
-            crate::events::event_skipped(
-                EventRef {
-                    consumer: name,
-                    entry_id: &entries[*i].id,
-                    event_id: event.map(|w| w.event.event_id.as_str()).unwrap_or(""),
-                    aggregate_id: event.and_then(|w| w.lock_key.as_deref()).unwrap_or(""),
-                },
-                code,
-                &reason.to_string(),
-            );
-        }
-        for (from, to) in &transitions {
-            m.order_transitions.with_label_values(&[from, to]).inc();
+        for (i, fate) in triage.fates.iter().enumerate() {
+            match fate {
+                Some(Fate::Skipped { code, reason }) => {
+                    crate::events::event_skipped(self.event_ref(entries, triage, i), code, reason);
+                }
+                Some(Fate::Applied {
+                    transition: Some((from, to)),
+                }) => m.order_transitions.with_label_values(&[from, to]).inc(),
+                _ => {}
+            }
         }
         for (result, n) in [
             (result::APPLIED, tally.applied),
@@ -385,7 +478,7 @@ impl Consumer {
                     .inc_by(n);
             }
         }
-        for w in &work {
+        for w in &triage.work {
             if let Some(created) = w
                 .event
                 .envelope
@@ -401,10 +494,9 @@ impl Consumer {
         m.consumer_batch_seconds
             .with_label_values(&[name])
             .observe(started.elapsed().as_secs_f64());
-        Ok(tally)
     }
 
-    pub(super) async fn count_conflicts(
+    async fn count_conflicts(
         &self,
         tx: &deadpool_postgres::Transaction<'_>,
         duplicates: &[&Work],

@@ -31,11 +31,6 @@ fn epoch(t: SystemTime) -> f64 {
         .unwrap_or(0.0)
 }
 
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct ReplaySummary {
-    pub republished: u64,
-}
-
 /// Replays from every relay with an archive (or the one named `db.table`).
 pub async fn replay(
     config: &Config,
