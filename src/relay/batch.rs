@@ -261,25 +261,7 @@ impl Relay {
             }
         }
         if rejected {
-            if let Ok(mut known) = self.known_streams.lock() {
-                known.clear();
-            }
-            // Redis refused an entry the type check let through (the key changed meanwhile):
-            // the delete above removed it too, and the rest of its key was not sent. Undo the
-            // batch, charge the refused rows, and let the next batch publish the rest again
-            // (duplicates on the stream, which the inbox absorbs).
-            // On the same connection: handing it back to the pool in between could let the
-            // next batch take it and then wait for this one, with a pool of one.
-            let ctx = self.ctx("rolling back a batch");
-            let client = crate::db::bounded(bound, &ctx, async {
-                tx.rollback_and_keep().await.map_err(Error::pg(ctx.clone()))
-            })
-            .await?;
-            let ctx = self.ctx("recording failed rows");
-            let (failed, quarantined) =
-                crate::db::bounded(bound, &ctx, self.record_failures(&**client, &failures)).await?;
-            outcome.failed = failed;
-            outcome.quarantined = quarantined;
+            (outcome.failed, outcome.quarantined) = self.undo_refused(tx, &failures).await?;
             self.count_failures(&outcome);
             return Ok(Finished {
                 outcome,
@@ -302,33 +284,68 @@ impl Relay {
         .await?;
         let _ = done.send(());
         outcome.published = published;
-        if let Ok(mut known) = self.known_streams.lock() {
-            if known.len() > 10_000 {
-                known.clear();
-            }
-            for (key, _) in &entries {
-                if !known.contains(key) {
-                    known.insert(key.clone());
-                }
-            }
-        }
-
-        let m = metrics();
-        for (topic, n) in per_topic {
-            m.relay_published
-                .with_label_values(&[&self.table, topic])
-                .inc_by(n);
-        }
-        self.count_failures(&outcome);
-        m.relay_batch_seconds
-            .with_label_values(&[&self.table])
-            .observe(started.elapsed().as_secs_f64());
+        self.remember_streams(&entries);
+        self.report(&outcome, per_topic, started);
         // Rows left behind for a retry are rows at or below the batch's last id: the next
         // claim must not start after them.
         Ok(Finished {
             outcome,
             whole_head: whole_head && outcome.failed == 0 && !deferred.contains(&true),
         })
+    }
+
+    /// Redis refused an entry the type check let through (the key changed meanwhile): the
+    /// delete beside the publish removed it too, and the rest of its key was not sent. Undoes
+    /// the batch, charges the refused rows, and leaves the rest for the next batch to publish
+    /// again (duplicates on the stream, which the inbox absorbs). Returns (failed,
+    /// quarantined).
+    async fn undo_refused(
+        &self,
+        tx: crate::db::OpenTransaction,
+        failures: &[(i64, String)],
+    ) -> Result<(usize, usize)> {
+        let bound = self.pg.query_timeout;
+        if let Ok(mut known) = self.known_streams.lock() {
+            known.clear();
+        }
+        // On the same connection: handing it back to the pool in between could let the next
+        // batch take it and then wait for this one, with a pool of one.
+        let ctx = self.ctx("rolling back a batch");
+        let client = crate::db::bounded(bound, &ctx, async {
+            tx.rollback_and_keep().await.map_err(Error::pg(ctx.clone()))
+        })
+        .await?;
+        let ctx = self.ctx("recording failed rows");
+        crate::db::bounded(bound, &ctx, self.record_failures(&**client, failures)).await
+    }
+
+    /// The stream keys a committed batch published to hold streams: the next batches skip
+    /// their type check (forgotten past 10,000 keys, and whenever Redis refuses an entry).
+    fn remember_streams(&self, entries: &[(String, Vec<u8>)]) {
+        if let Ok(mut known) = self.known_streams.lock() {
+            if known.len() > 10_000 {
+                known.clear();
+            }
+            for (key, _) in entries {
+                if !known.contains(key) {
+                    known.insert(key.clone());
+                }
+            }
+        }
+    }
+
+    /// A committed batch's metrics.
+    fn report(&self, outcome: &BatchOutcome, per_topic: HashMap<&str, u64>, started: Instant) {
+        let m = metrics();
+        for (topic, n) in per_topic {
+            m.relay_published
+                .with_label_values(&[&self.table, topic])
+                .inc_by(n);
+        }
+        self.count_failures(outcome);
+        m.relay_batch_seconds
+            .with_label_values(&[&self.table])
+            .observe(started.elapsed().as_secs_f64());
     }
 
     /// Large payloads, in id order, while the batch's byte budget has room: the first always
