@@ -355,13 +355,22 @@ async fn silent_connections_are_given_up_and_work_resumes() {
         full.extend_from_slice(args);
         let (code, out, err) = run_bin(&full, &[]);
         let secs = started.elapsed().as_secs_f64();
+        assert!(secs < 30.0, "{args:?} took {secs:.1} s");
+        // `consume --once` touches PostgreSQL only when Redis holds something for it: when
+        // the daemons already took every entry (they wait on PostgreSQL too), it has nothing
+        // to do and rightly says so. Anything else it does must fail naming PostgreSQL.
+        let idle_consume =
+            args[0] == "consume" && code == 0 && out.lines().all(|l| l.contains(": 0 events in "));
+        if idle_consume {
+            pg_commands.push((format!("{} (nothing to do) exit 0", args.join(" ")), secs));
+            continue;
+        }
         assert_eq!(code, 1, "{args:?} against a silent PostgreSQL: {out}{err}");
         assert!(
             err.contains("PostgreSQL"),
             "{args:?} names the server: {err}"
         );
-        assert!(secs < 30.0, "{args:?} took {secs:.1} s");
-        pg_commands.push((args.join(" "), secs));
+        pg_commands.push((format!("{} exit 1", args.join(" ")), secs));
     }
     pg.resume();
     let fault = Instant::now();
@@ -408,7 +417,7 @@ async fn silent_connections_are_given_up_and_work_resumes() {
     );
     let pg_commands: Vec<String> = pg_commands
         .iter()
-        .map(|(command, secs)| format!("{command} exit 1 after {secs:.1} s"))
+        .map(|(command, secs)| format!("{command} after {secs:.1} s"))
         .collect();
     println!(
         "no hang: operator commands against a paused PostgreSQL: {}",
