@@ -1,9 +1,13 @@
 //! The stream entry format of SPEC section 4: a CloudEvents 1.0 JSON envelope in the entry
 //! field `data` (the layout Dapr's `pubsub.redis` writes and reads). Encoding writes the
-//! payload text as it came from PostgreSQL, without parsing it again; decoding also accepts
-//! plain JSON carrying `event_id` or `id`, and refuses (for the dead-letter stream) anything
-//! with no usable event ID.
+//! payload text as it came from PostgreSQL, without parsing it again, and writes valid
+//! CloudEvents 1.0 for any row (no empty `subject`, no `traceparent` that is not a W3C trace
+//! context). Decoding takes entries as Dapr's `pubsub.redis` writes them (`data` as JSON, as a
+//! string holding JSON, or `data_base64`; `expiration`; `traceparent`), also plain JSON
+//! carrying `event_id` or `id`, and refuses (for the dead-letter stream) anything with no
+//! usable event ID.
 
+use crate::trace::TraceParent;
 use serde_json::Value;
 
 /// The fields of one outbox row that go into its envelope.
@@ -29,13 +33,21 @@ pub fn encode_into(event: &Outgoing<'_>, out: &mut Vec<u8>) -> usize {
     push_str(out, event.source);
     out.extend_from_slice(b",\"type\":");
     push_str(out, event.topic);
-    out.extend_from_slice(b",\"subject\":");
-    push_str(out, event.aggregate_id);
+    // CloudEvents 1.0: `subject`, when present, must not be empty.
+    if !event.aggregate_id.is_empty() {
+        out.extend_from_slice(b",\"subject\":");
+        push_str(out, event.aggregate_id);
+    }
     out.extend_from_slice(b",\"time\":");
     push_str(out, event.time);
     out.extend_from_slice(b",\"datacontenttype\":\"application/json\",\"data\":");
     out.extend_from_slice(event.payload_json.as_bytes());
-    if let Some(tp) = event.traceparent {
+    // A header that is not a W3C trace context would make the envelope invalid for
+    // consumers that check it (Dapr parses it); it is left out rather than copied.
+    if let Some(tp) = event
+        .traceparent
+        .filter(|tp| TraceParent::parse(tp).is_some())
+    {
         out.extend_from_slice(b",\"traceparent\":");
         push_str(out, tp);
     }
@@ -84,10 +96,34 @@ pub struct Incoming {
     pub event_id: String,
     /// CloudEvents `type`, when the entry had one.
     pub event_type: Option<String>,
-    /// The event payload (CloudEvents `data`, or the plain JSON object itself).
+    /// The event payload: CloudEvents `data` (the JSON a string or `data_base64` holds, when
+    /// it holds JSON), or the plain JSON object itself.
     pub data: Value,
-    /// The CloudEvents envelope (built around plain JSON entries), as given to SQL handlers.
+    /// The CloudEvents envelope (built around plain JSON entries), as given to SQL handlers,
+    /// with `data` as above.
     pub envelope: Value,
+    /// Why `data` is not JSON, when the event carried text or bytes that are not: a handler
+    /// that needs a JSON object says so instead of "no field ...".
+    pub data_problem: Option<String>,
+    /// The event's W3C trace context, when it carried a valid one.
+    pub traceparent: Option<String>,
+    /// CloudEvents `expiration` (Dapr's `ttlInSeconds`): after it, the event is not applied.
+    pub expiration: Option<std::time::SystemTime>,
+}
+
+impl Incoming {
+    /// The trace ID of the event, empty when it carried no trace context.
+    pub fn trace_id(&self) -> &str {
+        self.traceparent
+            .as_deref()
+            .and_then(TraceParent::parse)
+            .map_or("", |tp| tp.trace_id)
+    }
+
+    /// Whether the event had expired at `now`.
+    pub fn expired_at(&self, now: std::time::SystemTime) -> bool {
+        self.expiration.is_some_and(|e| now > e)
+    }
 }
 
 /// Why an entry cannot be handled at all: dead-letter it at once.
@@ -107,10 +143,13 @@ pub enum DecodeError {
     NoEventId,
     #[error("event ID is longer than 512 bytes")]
     EventIdTooLong,
+    #[error("CloudEvents \"data_base64\" is not base64: {0}")]
+    BadBase64(String),
 }
 
 /// Decodes the `data` field of an entry; `topic` is the stream's topic, used as the
-/// envelope's `type` for plain JSON entries.
+/// envelope's `type` for plain JSON entries. Other fields of the entry (Dapr's `metadata`)
+/// are not needed: everything is in the envelope.
 pub fn decode(data: Option<&[u8]>, topic: &str) -> Result<Incoming, DecodeError> {
     let bytes = data.ok_or(DecodeError::NoDataField)?;
     let text = std::str::from_utf8(bytes).map_err(|_| DecodeError::NotUtf8)?;
@@ -120,20 +159,7 @@ pub fn decode(data: Option<&[u8]>, topic: &str) -> Result<Incoming, DecodeError>
         return Err(DecodeError::NotObject);
     };
     if map.contains_key("specversion") {
-        let id = id_of(map.get("id"))?;
-        let event_type = map.get("type").and_then(Value::as_str).map(str::to_string);
-        // Dapr and others may carry JSON data as a string; accept it when it parses.
-        let data = match map.get("data") {
-            Some(Value::String(s)) => serde_json::from_str(s).unwrap_or(Value::String(s.clone())),
-            Some(v) => v.clone(),
-            None => Value::Null,
-        };
-        return Ok(Incoming {
-            event_id: id,
-            event_type,
-            data,
-            envelope: Value::Object(map),
-        });
+        return decode_cloudevent(map);
     }
     let id = match map.get("event_id") {
         Some(v) => id_of(Some(v))?,
@@ -157,7 +183,130 @@ pub fn decode(data: Option<&[u8]>, topic: &str) -> Result<Incoming, DecodeError>
         event_type,
         data,
         envelope,
+        data_problem: None,
+        traceparent: None,
+        expiration: None,
     })
+}
+
+/// A CloudEvents envelope, as outboxd, Dapr or another publisher wrote it.
+fn decode_cloudevent(mut map: serde_json::Map<String, Value>) -> Result<Incoming, DecodeError> {
+    let id = id_of(map.get("id"))?;
+    let event_type = map.get("type").and_then(Value::as_str).map(str::to_string);
+    let content_type = map
+        .get("datacontenttype")
+        .and_then(Value::as_str)
+        .unwrap_or("application/json")
+        .to_string();
+    // As a Dapr subscriber decides (components-contrib `pubsub.HasExpired`): expired when
+    // the time has passed; absent, empty or unparsable means it does not expire.
+    let expiration = map
+        .get("expiration")
+        .and_then(Value::as_str)
+        .and_then(parse_rfc3339);
+    // Dapr writes the same value to `traceparent` and `traceid`, either may be "" (tracing
+    // off); only a valid trace context is taken.
+    let traceparent = ["traceparent", "traceid"]
+        .iter()
+        .filter_map(|k| map.get(*k).and_then(Value::as_str))
+        .find(|tp| TraceParent::parse(tp).is_some())
+        .map(str::to_string);
+    let mut data_problem = None;
+    // Dapr writes `data_base64` for binary content types, and `data` as a JSON string for
+    // text ones (its default `text/plain`): a handler sees the JSON either holds.
+    let data = if let Some(encoded) = map.get("data_base64").filter(|_| !map.contains_key("data")) {
+        let encoded = encoded
+            .as_str()
+            .ok_or_else(|| DecodeError::BadBase64(format!("a {} value", json_type(encoded))))?;
+        let raw = decode_base64(encoded).map_err(DecodeError::BadBase64)?;
+        match serde_json::from_slice::<Value>(&raw) {
+            Ok(v) => {
+                map.remove("data_base64");
+                map.insert("data".into(), v.clone());
+                v
+            }
+            Err(_) => {
+                data_problem = Some(format!(
+                    "data_base64 holds {} bytes of {content_type}, not JSON",
+                    raw.len()
+                ));
+                match String::from_utf8(raw) {
+                    Ok(s) => Value::String(s),
+                    Err(_) => Value::Null,
+                }
+            }
+        }
+    } else {
+        match map.get("data") {
+            Some(Value::String(s)) => match serde_json::from_str::<Value>(s) {
+                Ok(v) => {
+                    map.insert("data".into(), v.clone());
+                    v
+                }
+                Err(_) => {
+                    data_problem = Some(format!(
+                        "data is a string of {content_type} that does not hold JSON"
+                    ));
+                    Value::String(s.clone())
+                }
+            },
+            Some(v) => v.clone(),
+            None => Value::Null,
+        }
+    };
+    Ok(Incoming {
+        event_id: id,
+        event_type,
+        data,
+        envelope: Value::Object(map),
+        data_problem,
+        traceparent,
+        expiration,
+    })
+}
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// Standard base64 (RFC 4648 section 4, what Go's `encoding/base64.StdEncoding` writes),
+/// padding optional.
+fn decode_base64(text: &str) -> Result<Vec<u8>, String> {
+    let trimmed = text.trim_end_matches('=');
+    if text.len() - trimmed.len() > 2 {
+        return Err("too much padding".into());
+    }
+    let mut out = Vec::with_capacity(trimmed.len() * 3 / 4);
+    let mut acc: u32 = 0;
+    let mut bits = 0;
+    for (i, c) in trimmed.bytes().enumerate() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return Err(format!("byte {i} is {:?}", char::from(c))),
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    if bits >= 6 {
+        return Err("truncated (its length is not possible in base64)".into());
+    }
+    Ok(out)
 }
 
 fn id_of(v: Option<&Value>) -> Result<String, DecodeError> {
@@ -309,6 +458,116 @@ mod tests {
         );
     }
 
+    #[test]
+    fn base64_as_go_writes_it() {
+        // base64.StdEncoding of "", "f", "fo", "foo", "foob" (RFC 4648 test vectors)
+        for (text, bytes) in [
+            ("", ""),
+            ("Zg==", "f"),
+            ("Zm8=", "fo"),
+            ("Zm9v", "foo"),
+            ("Zm9vYg==", "foob"),
+            ("Zm9vYg", "foob"),
+        ] {
+            assert_eq!(
+                decode_base64(text).as_deref(),
+                Ok(bytes.as_bytes()),
+                "{text}"
+            );
+        }
+        assert_eq!(decode_base64("/+8=").expect("valid"), vec![0xff, 0xef]);
+        assert!(decode_base64("Zm9v!").is_err());
+        assert!(decode_base64("Z").is_err());
+        assert!(decode_base64("Zg===").is_err());
+    }
+
+    #[test]
+    fn dapr_data_forms() {
+        let text = br#"{"specversion":"1.0","id":"t","datacontenttype":"text/plain","data":"{\"order_id\": \"o1\"}"}"#;
+        let e = decode(Some(text), "t").expect("decodes");
+        assert_eq!(e.data["order_id"], "o1");
+        assert_eq!(
+            e.envelope["data"]["order_id"], "o1",
+            "handlers see the JSON"
+        );
+        assert_eq!(e.data_problem, None);
+
+        let b64 = br#"{"specversion":"1.0","id":"b","datacontenttype":"application/octet-stream","data_base64":"eyJvcmRlcl9pZCI6Im8yIn0="}"#;
+        let e = decode(Some(b64), "t").expect("decodes");
+        assert_eq!(e.data["order_id"], "o2");
+        assert_eq!(e.envelope["data"]["order_id"], "o2");
+        assert!(e.envelope.get("data_base64").is_none());
+
+        let binary = br#"{"specversion":"1.0","id":"x","datacontenttype":"application/octet-stream","data_base64":"CCoS"}"#;
+        let e = decode(Some(binary), "t").expect("decodes");
+        assert_eq!(
+            e.data_problem.as_deref(),
+            Some("data_base64 holds 3 bytes of application/octet-stream, not JSON")
+        );
+        let words =
+            br#"{"specversion":"1.0","id":"w","datacontenttype":"text/plain","data":"hello"}"#;
+        let e = decode(Some(words), "t").expect("decodes");
+        assert_eq!(e.data, Value::String("hello".into()));
+        assert!(e.data_problem.is_some());
+
+        let bad = br#"{"specversion":"1.0","id":"x","data_base64":"**"}"#;
+        assert!(matches!(
+            decode(Some(bad), "t"),
+            Err(DecodeError::BadBase64(_))
+        ));
+    }
+
+    #[test]
+    fn expiration_and_trace_as_dapr_writes_them() {
+        let now = parse_rfc3339("2026-11-22T08:00:00Z").expect("parses");
+        let with = |attrs: &str| {
+            let text = format!(r#"{{"specversion":"1.0","id":"e","data":{{}}{attrs}}}"#);
+            decode(Some(text.as_bytes()), "t").expect("decodes")
+        };
+        assert!(with(r#","expiration":"2026-11-22T07:59:59Z""#).expired_at(now));
+        assert!(!with(r#","expiration":"2026-11-22T08:00:00Z""#).expired_at(now));
+        assert!(
+            !with(r#","expiration":"soon""#).expired_at(now),
+            "unparsable: no expiration"
+        );
+        assert!(!with(r#","expiration":"""#).expired_at(now));
+        assert!(!with("").expired_at(now));
+        let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let e = with(&format!(r#","traceparent":"","traceid":"{tp}""#));
+        assert_eq!(
+            e.traceparent.as_deref(),
+            Some(tp),
+            "Dapr's traceid when traceparent is empty"
+        );
+        assert_eq!(e.trace_id(), "0af7651916cd43dd8448eb211c80319c");
+        assert_eq!(with(r#","traceparent":"12""#).traceparent, None);
+    }
+
+    #[test]
+    fn no_empty_subject_and_no_invalid_traceparent() {
+        let mut buf = Vec::new();
+        let row = |aggregate_id, traceparent| Outgoing {
+            event_id: "e",
+            source: "s",
+            topic: "t",
+            aggregate_id,
+            time: "2026-11-22T07:00:00.000000Z",
+            payload_json: "{}",
+            traceparent,
+        };
+        encode_into(&row("", Some("12")), &mut buf);
+        let v: Value = serde_json::from_slice(&buf).expect("valid JSON");
+        assert!(
+            v.get("subject").is_none() && v.get("traceparent").is_none(),
+            "{v}"
+        );
+        let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        encode_into(&row("a", Some(tp)), &mut buf);
+        let v: Value = serde_json::from_slice(&buf).expect("valid JSON");
+        assert_eq!(v["subject"], "a");
+        assert_eq!(v["traceparent"], tp);
+    }
+
     mod properties {
         use super::super::*;
         use proptest::prelude::*;
@@ -341,7 +600,9 @@ mod tests {
                 }, &mut buf);
                 let back = decode(Some(&buf), "t").expect("an encoded envelope decodes");
                 prop_assert_eq!(back.event_id, id);
-                prop_assert_eq!(&back.envelope["subject"], &serde_json::Value::String(aggregate));
+                // CloudEvents 1.0 forbids an empty subject: none is written then
+                let subject = if aggregate.is_empty() { None } else { Some(serde_json::Value::String(aggregate)) };
+                prop_assert_eq!(back.envelope.get("subject").cloned(), subject);
                 prop_assert_eq!(&back.data["n"], &serde_json::json!(n));
             }
         }

@@ -72,4 +72,5 @@ pub mod retry;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;
+pub mod trace;
 pub mod watchdog;

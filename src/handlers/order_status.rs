@@ -19,6 +19,9 @@ pub const FULFILLMENT_STATUS_CHANGED: &str = "fulfillment.status_changed";
 pub const DELIVERY_CONFIRMED: &str = "delivery.confirmed";
 pub const ORDER_STATUS_CHANGED: &str = "order.status_changed";
 
+/// The skip codes of this handler itself (besides the rules').
+pub const SKIP_CODES: [&str; 3] = ["own_event", "unhandled_type", "unknown_status"];
+
 #[derive(Debug, Clone)]
 pub struct OrderStatusHandler {
     mapping: StatusMapping,
@@ -78,10 +81,11 @@ FROM all_f"
     INSERT INTO order_status_history (order_id, from_status, to_status, reason, event_id, created_at)
     VALUES ($1, $3, $2, $4, $5, clock_timestamp())
 )
-INSERT INTO {outbox} (topic, aggregate_id, payload)
+INSERT INTO {outbox} (topic, aggregate_id, payload, headers)
 VALUES ('{ORDER_STATUS_CHANGED}', $1, jsonb_build_object(
     'event_type', '{ORDER_STATUS_CHANGED}', 'order_id', $1::text, 'old_status', $3::text,
-    'new_status', $2::text, 'timestamp', now(), 'reason', $4::text, 'caused_by', $5::text))"
+    'new_status', $2::text, 'timestamp', now(), 'reason', $4::text, 'caused_by', $5::text),
+    CASE WHEN $6::text IS NULL THEN '{{}}'::jsonb ELSE jsonb_build_object('traceparent', $6::text) END)"
         );
         Ok(OrderStatusHandler {
             mapping,
@@ -110,6 +114,17 @@ VALUES ('{ORDER_STATUS_CHANGED}', $1, jsonb_build_object(
                 FULFILLMENT_STATUS_CHANGED | DELIVERY_CONFIRMED | ORDER_STATUS_CHANGED
             )
         });
+        if matches!(kind, Some(FULFILLMENT_STATUS_CHANGED | DELIVERY_CONFIRMED))
+            && !event.data.is_object()
+        {
+            let what = event
+                .data_problem
+                .clone()
+                .unwrap_or_else(|| format!("it is {}", type_name(&event.data)));
+            return Err(HandleError::Permanent(format!(
+                "payload is not a JSON object: {what}"
+            )));
+        }
         match kind {
             Some(FULFILLMENT_STATUS_CHANGED) => self.fulfillment_changed(tx, event).await,
             Some(DELIVERY_CONFIRMED) => self.delivery_confirmed(tx, event).await,
@@ -183,7 +198,7 @@ VALUES ('{ORDER_STATUS_CHANGED}', $1, jsonb_build_object(
         let expected = expected.and_then(|n| u32::try_from(n).ok());
         let target = aggregate_target(&fulfillments, expected, &self.mapping);
         let reason = format!("fulfillment {fulfillment_id} {new_status}");
-        self.transition(tx, order_id, &current, target, &reason, &event.event_id)
+        self.transition(tx, order_id, &current, target, &reason, event)
             .await
     }
 
@@ -217,7 +232,7 @@ VALUES ('{ORDER_STATUS_CHANGED}', $1, jsonb_build_object(
             &current,
             Some(OrderStatus::Delivered),
             &reason,
-            &event.event_id,
+            event,
         )
         .await
     }
@@ -229,7 +244,7 @@ VALUES ('{ORDER_STATUS_CHANGED}', $1, jsonb_build_object(
         current: &str,
         target: Option<OrderStatus>,
         reason: &str,
-        event_id: &str,
+        event: &Incoming,
     ) -> Result<Outcome, HandleError> {
         match decide(&CurrentStatus::from_db(current), target) {
             Decision::Skip(skip) => Ok(Outcome::Skipped {
@@ -241,9 +256,22 @@ VALUES ('{ORDER_STATUS_CHANGED}', $1, jsonb_build_object(
                     .prepare_cached(&self.apply)
                     .await
                     .map_err(|e| HandleError::from_pg("order_status: preparing", e))?;
+                // The echo continues the incoming event's trace: same trace ID, a new span.
+                let traceparent = event
+                    .traceparent
+                    .as_deref()
+                    .and_then(crate::trace::TraceParent::parse)
+                    .map(|tp| tp.child());
                 tx.execute(
                     &statement,
-                    &[&order_id, &to.as_str(), &current, &reason, &event_id],
+                    &[
+                        &order_id,
+                        &to.as_str(),
+                        &current,
+                        &reason,
+                        &event.event_id,
+                        &traceparent,
+                    ],
                 )
                 .await
                 .map_err(|e| HandleError::from_pg("order_status: applying the transition", e))?;

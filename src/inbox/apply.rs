@@ -20,6 +20,9 @@ struct Work {
     event: Incoming,
     hash: i64,
     lock_key: Option<String>,
+    /// Its CloudEvents `expiration` had passed when the batch was read: recorded in the
+    /// inbox and skipped, never applied (as a Dapr subscriber drops it).
+    expired: bool,
 }
 
 /// Whether any of `entries` is large (see [`crate::large_work`]).
@@ -72,12 +75,13 @@ struct Triage {
 impl Triage {
     /// The event ID and aggregate ID (the order, for `order_status`) of entry `i`, for the
     /// logs; empty where the entry could not be read that far.
-    fn ids(&self, i: usize) -> (&str, &str) {
-        self.work_of[i].map_or(("", ""), |k| {
+    fn ids(&self, i: usize) -> (&str, &str, &str) {
+        self.work_of[i].map_or(("", "", ""), |k| {
             let w = &self.work[k];
             (
                 w.event.event_id.as_str(),
                 w.lock_key.as_deref().unwrap_or(""),
+                w.event.trace_id(),
             )
         })
     }
@@ -146,6 +150,7 @@ impl Consumer {
     fn triage(&self, entries: &[Entry], deliveries: &impl Fn(&Entry) -> u64) -> Triage {
         let mut fates: Vec<Option<Fate>> = (0..entries.len()).map(|_| None).collect();
         let mut work: Vec<Work> = Vec::with_capacity(entries.len());
+        let now = std::time::SystemTime::now();
         for (i, entry) in entries.iter().enumerate() {
             if !entry.present {
                 fates[i] = Some(Fate::Dead(
@@ -165,11 +170,13 @@ impl Consumer {
                 Ok(event) => {
                     let hash = data_hash(&event.data);
                     let lock_key = self.handler.lock_key(&event);
+                    let expired = event.expired_at(now);
                     work.push(Work {
                         entry: i,
                         event,
                         hash,
                         lock_key,
+                        expired,
                     });
                 }
                 Err(e) => fates[i] = Some(Fate::Dead(e.to_string())),
@@ -251,10 +258,18 @@ impl Consumer {
             let mut to_apply: Vec<&Work> = Vec::new();
             for w in &active {
                 // The first occurrence of a new event ID is applied; any other is a duplicate.
-                if new_ids.remove(&w.event.event_id) {
-                    to_apply.push(w);
-                } else {
+                if !new_ids.remove(&w.event.event_id) {
                     duplicates.push(w);
+                } else if w.expired {
+                    fates[w.entry] = Some(Fate::Skipped {
+                        code: crate::handlers::EXPIRED,
+                        reason: format!(
+                            "expired (CloudEvents expiration {}) before it was applied",
+                            w.event.envelope["expiration"]
+                        ),
+                    });
+                } else {
+                    to_apply.push(w);
                 }
             }
             // Events of different orders are independent, so their statements are pipelined
@@ -435,12 +450,13 @@ impl Consumer {
 
     /// Which event entry `i` is, for a log line.
     fn event_ref<'a>(&'a self, entries: &'a [Entry], triage: &'a Triage, i: usize) -> EventRef<'a> {
-        let (event_id, aggregate_id) = triage.ids(i);
+        let (event_id, aggregate_id, trace_id) = triage.ids(i);
         EventRef {
             consumer: &self.config.name,
             entry_id: &entries[i].id,
             event_id,
             aggregate_id,
+            trace_id,
         }
     }
 
