@@ -32,13 +32,62 @@ pub struct EventRef<'a> {
     pub entry_id: &'a str,
     pub event_id: &'a str,
     pub aggregate_id: &'a str,
+    /// The W3C trace ID the event carried, empty when none.
+    pub trace_id: &'a str,
+}
+
+/// A relay of `database`'s `table` starts: its counters are exported at 0 from the first
+/// scrape, so that `increase(...) > 0` sees its first error or quarantined row.
+pub fn relay_started(database: &str, table: &str) {
+    let m = metrics();
+    for kind in [kind::TRANSIENT, kind::ROW] {
+        m.relay_errors.with_label_values(&[database, table, kind]);
+    }
+    m.relay_quarantined.with_label_values(&[database, table]);
+}
+
+/// A consumer starts: its counters at 0 (as [`relay_started`]), for its stream keys, and
+/// for order moves and skips when its handler moves orders.
+pub fn consumer_started(consumer: &str, stream_keys: &[String], moves_orders: bool) {
+    let m = metrics();
+    for result in [
+        result::APPLIED,
+        result::DUPLICATE,
+        result::SKIPPED,
+        result::DEAD_LETTERED,
+        result::CONFLICT,
+    ] {
+        m.consumer_events.with_label_values(&[consumer, result]);
+    }
+    for kind in [kind::TRANSIENT, kind::HANDLER] {
+        m.consumer_errors.with_label_values(&[consumer, kind]);
+    }
+    for key in stream_keys {
+        m.dead_letters.with_label_values(&[consumer, key]);
+    }
+    m.order_skips.with_label_values(&[crate::handlers::EXPIRED]);
+    if moves_orders {
+        for code in crate::handlers::skip_codes() {
+            m.order_skips.with_label_values(&[code]);
+        }
+        for (from, to) in crate::handlers::rules::possible_transitions() {
+            m.order_transitions
+                .with_label_values(&[from.as_str(), to.as_str()]);
+        }
+    }
 }
 
 /// A relay batch failed on a server that is away or silent; it backs off for `retry_in`.
-pub fn relay_batch_failed(relay: &str, table: &str, error: &str, retry_in: Duration) {
+pub fn relay_batch_failed(
+    relay: &str,
+    database: &str,
+    table: &str,
+    error: &str,
+    retry_in: Duration,
+) {
     metrics()
         .relay_errors
-        .with_label_values(&[table, kind::TRANSIENT])
+        .with_label_values(&[database, table, kind::TRANSIENT])
         .inc();
     tracing::warn!(
         relay = %relay,
@@ -48,18 +97,18 @@ pub fn relay_batch_failed(relay: &str, table: &str, error: &str, retry_in: Durat
     );
 }
 
-/// Redis refused `failed` rows of a batch of `table`, of which `quarantined` reached their
-/// last attempt (each row has its own line where it was charged).
-pub fn rows_refused(table: &str, failed: usize, quarantined: usize) {
+/// Redis refused `failed` rows of a batch of `database`'s `table`, of which `quarantined`
+/// reached their last attempt (each row has its own line where it was charged).
+pub fn rows_refused(database: &str, table: &str, failed: usize, quarantined: usize) {
     let m = metrics();
     if failed > 0 {
         m.relay_errors
-            .with_label_values(&[table, kind::ROW])
+            .with_label_values(&[database, table, kind::ROW])
             .inc_by(failed as u64);
     }
     if quarantined > 0 {
         m.relay_quarantined
-            .with_label_values(&[table])
+            .with_label_values(&[database, table])
             .inc_by(quarantined as u64);
     }
 }
@@ -89,6 +138,7 @@ pub fn event_retrying(event: EventRef<'_>, deliveries: u64, error: &str) {
         entry_id = %event.entry_id,
         event_id = event.event_id,
         aggregate_id = event.aggregate_id,
+        trace_id = event.trace_id,
         deliveries,
         error = %error,
         "event failed; it stays pending and is retried"
@@ -107,6 +157,7 @@ pub fn dead_lettered(event: EventRef<'_>, stream: &str, reason: &str) {
         entry_id = %event.entry_id,
         event_id = event.event_id,
         aggregate_id = event.aggregate_id,
+        trace_id = event.trace_id,
         reason,
         "dead-lettered"
     );
@@ -120,6 +171,7 @@ pub fn event_skipped(event: EventRef<'_>, code: &str, reason: &str) {
         entry_id = %event.entry_id,
         event_id = event.event_id,
         aggregate_id = event.aggregate_id,
+        trace_id = event.trace_id,
         reason = %reason,
         "event skipped"
     );

@@ -65,14 +65,15 @@ macro_rules! metric_type {
 
 metrics! {
     relay_published: counter("outboxd_relay_events_published_total",
-        "Outbox rows published to their stream, by table and topic.", ["table", "topic"]);
+        "Outbox rows published to their stream, by database, table and topic.",
+        ["database", "table", "topic"]);
     relay_batch_seconds: histogram("outboxd_relay_batch_duration_seconds",
-        "Time to claim, publish and delete one relay batch.", ["table"]);
+        "Time to claim, publish and delete one relay batch.", ["database", "table"]);
     relay_errors: counter("outboxd_relay_errors_total",
         "Relay failures: kind=transient (PostgreSQL or Redis unavailable) or row (Redis rejected a row).",
-        ["table", "kind"]);
+        ["database", "table", "kind"]);
     relay_quarantined: counter("outboxd_relay_quarantined_total",
-        "Outbox rows quarantined after max_attempts failed publishes.", ["table"]);
+        "Outbox rows quarantined after max_attempts failed publishes.", ["database", "table"]);
     outbox_backlog_rows: int_gauge("outboxd_outbox_backlog_rows",
         "Unpublished outbox rows (quarantined included).", ["database", "table"]);
     outbox_oldest_age_seconds: gauge("outboxd_outbox_oldest_unpublished_age_seconds",

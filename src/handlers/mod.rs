@@ -10,6 +10,18 @@ pub mod sql_function;
 use crate::envelope::Incoming;
 use crate::error::Error;
 
+/// Every `code` an event can be skipped with (`outboxd_order_status_skipped_total{reason}`):
+/// the rules' reasons, the `order_status` handler's own, and `expired` (any handler).
+pub fn skip_codes() -> impl Iterator<Item = &'static str> {
+    rules::SkipReason::CODES
+        .into_iter()
+        .chain(order_status::SKIP_CODES)
+        .chain([EXPIRED])
+}
+
+/// The skip code of an event whose CloudEvents `expiration` had passed.
+pub const EXPIRED: &str = "expired";
+
 /// What the handler did with an event it accepted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {

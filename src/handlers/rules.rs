@@ -18,6 +18,15 @@ pub enum OrderStatus {
 }
 
 impl OrderStatus {
+    pub const ALL: [OrderStatus; 6] = [
+        OrderStatus::Pending,
+        OrderStatus::Confirmed,
+        OrderStatus::Processing,
+        OrderStatus::Shipped,
+        OrderStatus::Delivered,
+        OrderStatus::Cancelled,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             OrderStatus::Pending => "pending",
@@ -337,6 +346,16 @@ pub enum SkipReason {
 }
 
 impl SkipReason {
+    /// Every [`SkipReason::code`].
+    pub const CODES: [&'static str; 6] = [
+        "no_target",
+        "already_there",
+        "backwards",
+        "terminal",
+        "cancel_not_allowed",
+        "frozen",
+    ];
+
     /// Short, stable label for metrics; do not rename, dashboards key on it.
     pub fn code(&self) -> &'static str {
         match self {
@@ -377,6 +396,19 @@ impl fmt::Display for SkipReason {
 pub enum Decision {
     Apply { from: OrderStatus, to: OrderStatus },
     Skip(SkipReason),
+}
+
+/// Every (from, to) move [`decide`] can apply.
+pub fn possible_transitions() -> Vec<(OrderStatus, OrderStatus)> {
+    let mut out = Vec::new();
+    for from in OrderStatus::ALL {
+        for to in OrderStatus::ALL {
+            if let Decision::Apply { .. } = decide(&CurrentStatus::Known(from), Some(to)) {
+                out.push((from, to));
+            }
+        }
+    }
+    out
 }
 
 /// Whether an order in `current` may move to `target`. Only ever forward along

@@ -116,6 +116,11 @@ impl Consumer {
             .clone()
             .unwrap_or_else(default_instance_name);
         let inbox = crate::db::quote_qualified(&config.inbox_table);
+        crate::events::consumer_started(
+            &config.name,
+            &keys,
+            matches!(handler, Handler::OrderStatus(_)),
+        );
         Ok(Consumer {
             inbox_insert: format!(
                 "INSERT INTO {inbox} (consumer, event_id, stream, entry_id, data_hash)

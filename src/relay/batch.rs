@@ -339,12 +339,12 @@ impl Relay {
         let m = metrics();
         for (topic, n) in per_topic {
             m.relay_published
-                .with_label_values(&[&self.table, topic])
+                .with_label_values(&[&self.database, &self.table, topic])
                 .inc_by(n);
         }
         self.count_failures(outcome);
         m.relay_batch_seconds
-            .with_label_values(&[&self.table])
+            .with_label_values(&[&self.database, &self.table])
             .observe(started.elapsed().as_secs_f64());
     }
 
@@ -556,7 +556,12 @@ impl Relay {
     }
 
     pub(super) fn count_failures(&self, outcome: &BatchOutcome) {
-        crate::events::rows_refused(&self.table, outcome.failed, outcome.quarantined);
+        crate::events::rows_refused(
+            &self.database,
+            &self.table,
+            outcome.failed,
+            outcome.quarantined,
+        );
     }
 }
 

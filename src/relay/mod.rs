@@ -85,6 +85,7 @@ impl Relay {
             .source
             .clone()
             .unwrap_or_else(|| format!("outboxd/{}", config.database));
+        crate::events::relay_started(&config.database, &config.table);
         Relay {
             database: config.database.clone(),
             table: config.table.clone(),
@@ -295,7 +296,13 @@ impl Relay {
                     watch.failed(&error);
                     crate::db::after_failure(&self.pool, &e);
                     let delay = backoff.next_delay();
-                    crate::events::relay_batch_failed(&self.name(), &self.table, &error, delay);
+                    crate::events::relay_batch_failed(
+                        &self.name(),
+                        &self.database,
+                        &self.table,
+                        &error,
+                        delay,
+                    );
                     tokio::select! {
                         _ = shutdown.cancelled() => break Ok(()),
                         _ = tokio::time::sleep(delay) => {}
