@@ -2,6 +2,9 @@
 //! an entry that some consumer group has not acknowledged (SPEC section 7.5). The trim point
 //! is the oldest of the target and, per group, its oldest pending entry or the entry after
 //! the last one delivered to it; `XTRIM MINID` removes only entries before that point.
+//! Where the server has Redis 8.2's acknowledgement-aware trimming (`XTRIM ... ACKED`, told
+//! by its `XACKDEL` command), the server itself keeps every entry a group has not
+//! acknowledged, in one command, with no window between reading the groups and trimming.
 
 use crate::error::{Error, Result};
 use redis::aio::ConnectionLike;
@@ -126,11 +129,33 @@ pub async fn trim_stream<C: ConnectionLike>(
         }
     }
     let Some(target) = target else { return Ok(0) };
+    let mut removed = 0;
+    if trims_by_acknowledgement(conn).await? {
+        removed = redis::cmd("XTRIM")
+            .arg(key)
+            .arg("MINID")
+            .arg("=")
+            .arg(target.to_string())
+            .arg("ACKED")
+            .query_async(conn)
+            .await
+            .map_err(Error::redis(format!("XTRIM {key} MINID = {target} ACKED")))?;
+        // Done, unless entries before the target are left. They may be unacknowledged (then
+        // the safe point below keeps them too), or Redis 8.2 before the fix of
+        // redis/redis#14552 kept a destroyed group's position and trims nothing since: the
+        // safe point, read from the groups that exist, still brings the stream down.
+        if oldest_entry(conn, key)
+            .await?
+            .is_none_or(|oldest| oldest >= target)
+        {
+            return Ok(removed);
+        }
+    }
     let point = match safe_trim_point(conn, key).await? {
         Some(safe) => target.min(safe),
         None => target,
     };
-    let removed: u64 = redis::cmd("XTRIM")
+    let more: u64 = redis::cmd("XTRIM")
         .arg(key)
         .arg("MINID")
         .arg("=")
@@ -138,5 +163,44 @@ pub async fn trim_stream<C: ConnectionLike>(
         .query_async(conn)
         .await
         .map_err(Error::redis(format!("XTRIM {key}")))?;
-    Ok(removed)
+    Ok(removed + more)
+}
+
+/// The ID of the oldest entry of `key`, `None` when it has none.
+async fn oldest_entry<C: ConnectionLike>(conn: &mut C, key: &str) -> Result<Option<StreamId>> {
+    let first: Value = redis::cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(conn)
+        .await
+        .map_err(Error::redis(format!("XRANGE {key}")))?;
+    Ok(match first {
+        Value::Array(entries) => entries.first().and_then(|e| match e {
+            Value::Array(p) => p
+                .first()
+                .and_then(crate::redis_io::text)
+                .and_then(|s| StreamId::parse(&s)),
+            _ => None,
+        }),
+        _ => None,
+    })
+}
+
+/// Whether the server trims by acknowledgement (`XTRIM ... ACKED`, Redis 8.2 and later): it
+/// has the `XACKDEL` command that came with it. Asked, not inferred from a version: Valkey
+/// reports `redis_version:7.2.4` whatever its own version, and has neither.
+pub async fn trims_by_acknowledgement<C: ConnectionLike>(conn: &mut C) -> Result<bool> {
+    let info: Value = redis::cmd("COMMAND")
+        .arg("INFO")
+        .arg("XACKDEL")
+        .query_async(conn)
+        .await
+        .map_err(Error::redis("COMMAND INFO XACKDEL"))?;
+    Ok(match info {
+        Value::Array(items) => items.first().is_some_and(|i| !matches!(i, Value::Nil)),
+        _ => false,
+    })
 }
