@@ -142,6 +142,24 @@ impl TestStreams {
             .unwrap_or(0)
     }
 
+    /// One field of every entry of the stream `key` (a full key: a dead-letter stream, say),
+    /// as text ("" where an entry lacks it).
+    pub async fn field_of_each(&self, key: &str, field: &str) -> Vec<String> {
+        let mut conn = self.conn().await;
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(key)
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn)
+            .await
+            .expect("XRANGE");
+        reply
+            .ids
+            .iter()
+            .map(|e| e.get::<String>(field).unwrap_or_default())
+            .collect()
+    }
+
     /// Every entry of a stream: (entry id, data field parsed as JSON), read in pages of
     /// 1,000 so that no reply is large.
     pub async fn entries(&self, topic: &str) -> Vec<(String, serde_json::Value)> {
@@ -320,6 +338,12 @@ impl TestConfig {
         }
     }
 
+    /// On another Redis (a private one, another server kind).
+    pub fn on_redis(mut self, url: &str) -> TestConfig {
+        self.redis = format!("url = \"{url}\"");
+        self
+    }
+
     /// `[databases.<name>]` at `url`.
     pub fn database(mut self, name: &str, url: &str) -> TestConfig {
         self.sections
@@ -465,17 +489,25 @@ pub fn check_stream(entries: &[(String, serde_json::Value)], n: i64) -> usize {
 pub struct PrivateRedis {
     pub port: u16,
     pub dir: std::path::PathBuf,
+    /// The server binary: `redis-server` from PATH, or another Redis-compatible one.
+    binary: String,
     child: Option<Child>,
 }
 
 impl PrivateRedis {
     pub fn start() -> PrivateRedis {
+        PrivateRedis::start_binary("redis-server")
+    }
+
+    /// The same with another server binary (Valkey's `valkey-server`, another Redis).
+    pub fn start_binary(binary: &str) -> PrivateRedis {
         let port = free_port();
         let dir = std::env::temp_dir().join(unique("outboxd_redis"));
         std::fs::create_dir_all(&dir).unwrap();
         let mut r = PrivateRedis {
             port,
             dir,
+            binary: binary.to_string(),
             child: None,
         };
         r.restart();
@@ -488,7 +520,7 @@ impl PrivateRedis {
 
     /// Starts (again) on the same port and data directory.
     pub fn restart(&mut self) {
-        let child = Command::new("redis-server")
+        let child = Command::new(&self.binary)
             .args([
                 "--port",
                 &self.port.to_string(),
@@ -506,7 +538,12 @@ impl PrivateRedis {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("redis-server must be installed (scripts/dev-services)");
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{} must be installed (scripts/dev-services): {e}",
+                    self.binary
+                )
+            });
         self.child = Some(child);
         wait_for_redis(self.port);
     }
@@ -1035,4 +1072,67 @@ pub async fn http_get(port: u16, path: &str) -> String {
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     out
+}
+
+/// The path of an optional tool the suite uses (a linter, another server, the CloudEvents
+/// SDK's Python), from the environment variable `var` that `scripts/test` sets. When it is
+/// missing the test says so loudly and is skipped (`None`), unless
+/// `OUTBOXD_REQUIRE_OPTIONAL_TOOLS=1` (as in `.ci/run`), where it fails.
+pub fn optional_tool(var: &str, what: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(path) if !path.is_empty() && std::path::Path::new(&path).exists() => Some(path),
+        _ => {
+            let message = format!(
+                "SKIPPED: {what} is not available (${var} unset or missing; scripts/test sets it)"
+            );
+            assert!(
+                std::env::var("OUTBOXD_REQUIRE_OPTIONAL_TOOLS").as_deref() != Ok("1"),
+                "{message}, and OUTBOXD_REQUIRE_OPTIONAL_TOOLS=1"
+            );
+            // Straight to the process's stderr: libtest captures eprintln! and shows it only
+            // for a failing test, so a skipped test would look like any passing one.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "\n*** {message} ***\n");
+            None
+        }
+    }
+}
+
+/// Checks CloudEvents JSON envelopes with the CloudEvents Python SDK
+/// (`tests/support/check_cloudevents.py`); `None` when that SDK is not available.
+pub fn cloudevents_problems(envelopes: &[String]) -> Option<Vec<String>> {
+    use std::io::Write;
+    let python = optional_tool(
+        "OUTBOXD_TEST_CLOUDEVENTS_PYTHON",
+        "the CloudEvents Python SDK",
+    )?;
+    let mut child = Command::new(python)
+        .arg("tests/support/check_cloudevents.py")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run the CloudEvents check");
+    let mut stdin = child.stdin.take().unwrap();
+    for e in envelopes {
+        assert!(!e.contains('\n'), "one envelope per line: {e}");
+        writeln!(stdin, "{e}").unwrap();
+    }
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    if out.status.success() {
+        assert_eq!(
+            stdout.trim(),
+            format!("ok {}", envelopes.len()),
+            "every envelope was checked: {stderr}"
+        );
+        return Some(Vec::new());
+    }
+    assert!(
+        !stdout.trim().is_empty(),
+        "the CloudEvents check failed without a finding: {stderr}"
+    );
+    Some(stdout.lines().map(str::to_string).collect())
 }
