@@ -163,9 +163,24 @@ pub fn dead_lettered(event: EventRef<'_>, stream: &str, reason: &str) {
     );
 }
 
-/// An event was recorded but changed nothing (`code`: backwards, terminal, ...).
+/// An event was recorded but changed nothing (`code`: backwards, terminal, ...). An order
+/// already at the status an event implies is the routine case (a fulfillment moving from
+/// picking to packed): at thousands of events a second a line each would be noise, so it
+/// goes to debug; the rest (backwards, terminal, ...) say something and stay at info.
 pub fn event_skipped(event: EventRef<'_>, code: &str, reason: &str) {
     metrics().order_skips.with_label_values(&[code]).inc();
+    if code == crate::handlers::rules::SkipReason::ALREADY_THERE {
+        tracing::debug!(
+            consumer = event.consumer,
+            entry_id = %event.entry_id,
+            event_id = event.event_id,
+            aggregate_id = event.aggregate_id,
+            trace_id = event.trace_id,
+            reason = %reason,
+            "event skipped"
+        );
+        return;
+    }
     tracing::info!(
         consumer = event.consumer,
         entry_id = %event.entry_id,

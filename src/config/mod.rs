@@ -203,6 +203,12 @@ pub struct ConsumerConfig {
     /// Entries read and applied per transaction.
     #[serde(default = "defaults::consumer_batch_size")]
     pub batch_size: u32,
+    /// Transactions one batch of the `order_status` handler is applied in at once: its events
+    /// split by order into this many disjoint sets (two never lock the same order), each on
+    /// its own connection, so that one consumer can use more than one PostgreSQL core. At most
+    /// the database's `pool_size`.
+    #[serde(default = "defaults::consumer_concurrency")]
+    pub concurrency: u32,
     /// How long one blocking read waits for new entries.
     #[serde(default = "defaults::consumer_block_ms")]
     pub block_ms: u64,
@@ -369,6 +375,9 @@ pub mod defaults {
     }
     pub fn consumer_batch_size() -> u32 {
         200
+    }
+    pub fn consumer_concurrency() -> u32 {
+        2
     }
     pub fn consumer_block_ms() -> u64 {
         2_000

@@ -117,6 +117,20 @@ impl Config {
                 "must be between 1 and 10000",
             ));
         }
+        let pool_size = self
+            .databases
+            .get(&consumer.database)
+            .map_or(usize::MAX, |d| d.pool_size);
+        if consumer.concurrency == 0 || consumer.concurrency as usize > pool_size.min(64) {
+            return Err(ConfigError::new(
+                format!("{key}.concurrency"),
+                format!(
+                    "must be between 1 and the pool_size of database {:?} ({}), at most 64",
+                    consumer.database,
+                    pool_size.min(64)
+                ),
+            ));
+        }
         positive(&format!("{key}.block_ms"), consumer.block_ms)?;
         if consumer.linger_ms > 1000 {
             return Err(ConfigError::new(

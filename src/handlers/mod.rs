@@ -3,6 +3,7 @@
 //! user-supplied PostgreSQL function). A handler returns whether it changed something or
 //! skipped with a reason; errors say whether to retry the event or dead-letter it now.
 
+pub mod order_batch;
 pub mod order_status;
 pub mod rules;
 pub mod sql_function;
@@ -69,7 +70,8 @@ impl HandleError {
 /// One configured handler.
 #[derive(Debug, Clone)]
 pub enum Handler {
-    OrderStatus(order_status::OrderStatusHandler),
+    /// Boxed: it holds its statements, the other variant is a name.
+    OrderStatus(Box<order_status::OrderStatusHandler>),
     Sql(sql_function::SqlFunctionHandler),
 }
 

@@ -24,10 +24,12 @@ pub const SKIP_CODES: [&str; 3] = ["own_event", "unhandled_type", "unknown_statu
 
 #[derive(Debug, Clone)]
 pub struct OrderStatusHandler {
-    mapping: StatusMapping,
+    pub(super) mapping: StatusMapping,
     fold_fulfillment: String,
     lock_order: String,
     apply: String,
+    /// The set-based statements of `order_batch`.
+    pub(super) batch: super::order_batch::BatchStatements,
 }
 
 impl OrderStatusHandler {
@@ -92,6 +94,7 @@ VALUES ('{ORDER_STATUS_CHANGED}', $1, jsonb_build_object(
             fold_fulfillment,
             lock_order,
             apply,
+            batch: super::order_batch::BatchStatements::new(config),
         })
     }
 
@@ -101,44 +104,34 @@ VALUES ('{ORDER_STATUS_CHANGED}', $1, jsonb_build_object(
         topic: &str,
         event: &Incoming,
     ) -> Result<Outcome, HandleError> {
-        let kind = [
-            Some(topic),
-            event.event_type.as_deref(),
-            event.data.get("event_type").and_then(Value::as_str),
-        ]
-        .into_iter()
-        .flatten()
-        .find(|t| {
-            matches!(
-                *t,
-                FULFILLMENT_STATUS_CHANGED | DELIVERY_CONFIRMED | ORDER_STATUS_CHANGED
-            )
-        });
-        if matches!(kind, Some(FULFILLMENT_STATUS_CHANGED | DELIVERY_CONFIRMED))
-            && !event.data.is_object()
-        {
-            let what = event
-                .data_problem
-                .clone()
-                .unwrap_or_else(|| format!("it is {}", type_name(&event.data)));
-            return Err(HandleError::Permanent(format!(
-                "payload is not a JSON object: {what}"
-            )));
+        match kind_of(topic, event) {
+            Some(FULFILLMENT_STATUS_CHANGED) => {
+                object_payload(event)?;
+                self.fulfillment_changed(tx, event).await
+            }
+            Some(DELIVERY_CONFIRMED) => {
+                object_payload(event)?;
+                self.delivery_confirmed(tx, event).await
+            }
+            other => Ok(self.not_ours(topic, event, other)),
         }
+    }
+
+    /// The outcome of an event this handler does not apply: its own output, or a type it
+    /// does not handle.
+    pub(super) fn not_ours(&self, topic: &str, event: &Incoming, kind: Option<&str>) -> Outcome {
         match kind {
-            Some(FULFILLMENT_STATUS_CHANGED) => self.fulfillment_changed(tx, event).await,
-            Some(DELIVERY_CONFIRMED) => self.delivery_confirmed(tx, event).await,
-            Some(_) => Ok(Outcome::Skipped {
+            Some(_) => Outcome::Skipped {
                 code: "own_event",
                 reason: "order.status_changed is this handler's own output".into(),
-            }),
-            None => Ok(Outcome::Skipped {
+            },
+            None => Outcome::Skipped {
                 code: "unhandled_type",
                 reason: format!(
                     "order_status does not handle events of stream {topic:?} / type {:?}",
                     event.event_type
                 ),
-            }),
+            },
         }
     }
 
@@ -283,7 +276,40 @@ VALUES ('{ORDER_STATUS_CHANGED}', $1, jsonb_build_object(
     }
 }
 
-fn required_str<'a>(data: &'a Value, field: &str) -> Result<&'a str, HandleError> {
+/// Which of the handler's event types an event is: by its stream, its CloudEvents `type` or
+/// its payload's `event_type`, the first that names one.
+pub(super) fn kind_of(topic: &str, event: &Incoming) -> Option<&'static str> {
+    [
+        Some(topic),
+        event.event_type.as_deref(),
+        event.data.get("event_type").and_then(Value::as_str),
+    ]
+    .into_iter()
+    .flatten()
+    .find_map(|t| {
+        [
+            FULFILLMENT_STATUS_CHANGED,
+            DELIVERY_CONFIRMED,
+            ORDER_STATUS_CHANGED,
+        ]
+        .into_iter()
+        .find(|k| *k == t)
+    })
+}
+
+/// An event the handler applies must carry a JSON object: when it carried text or bytes
+/// that are not JSON (Dapr's string `data` or `data_base64`), the reason says so rather
+/// than naming the first field missing. (JSON that is not an object still gets "no field".)
+pub(super) fn object_payload(event: &Incoming) -> Result<(), HandleError> {
+    match &event.data_problem {
+        Some(problem) if !event.data.is_object() => Err(HandleError::Permanent(format!(
+            "payload is not a JSON object: {problem}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+pub(super) fn required_str<'a>(data: &'a Value, field: &str) -> Result<&'a str, HandleError> {
     match data.get(field) {
         Some(Value::String(s)) if !s.is_empty() && s.len() <= 1024 => Ok(s),
         Some(Value::String(s)) if s.is_empty() => Err(HandleError::Permanent(format!(
@@ -302,7 +328,7 @@ fn required_str<'a>(data: &'a Value, field: &str) -> Result<&'a str, HandleError
     }
 }
 
-fn fulfillment_count(data: &Value) -> Result<Option<i32>, HandleError> {
+pub(super) fn fulfillment_count(data: &Value) -> Result<Option<i32>, HandleError> {
     let Some(v) = data
         .get("metadata")
         .and_then(|m| m.get("fulfillment_count"))

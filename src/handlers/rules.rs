@@ -346,6 +346,9 @@ pub enum SkipReason {
 }
 
 impl SkipReason {
+    /// The code of [`SkipReason::AlreadyThere`].
+    pub const ALREADY_THERE: &'static str = "already_there";
+
     /// Every [`SkipReason::code`].
     pub const CODES: [&'static str; 6] = [
         "no_target",
@@ -360,7 +363,7 @@ impl SkipReason {
     pub fn code(&self) -> &'static str {
         match self {
             SkipReason::NoTarget => "no_target",
-            SkipReason::AlreadyThere(_) => "already_there",
+            SkipReason::AlreadyThere(_) => Self::ALREADY_THERE,
             SkipReason::Backwards { .. } => "backwards",
             SkipReason::Terminal { .. } => "terminal",
             SkipReason::CancelNotAllowed { .. } => "cancel_not_allowed",

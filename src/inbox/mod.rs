@@ -69,6 +69,8 @@ pub struct Consumer {
     handler: Handler,
     inbox_insert: String,
     inbox_hashes: String,
+    /// Deletes the inbox rows of events a set-based batch could not apply.
+    inbox_forget: String,
     /// The bound of each step of a batch's transaction (the database's `query_timeout_ms`).
     query_timeout: Duration,
     /// `consume --once`: how long a server may stay away or silent before the drain gives up.
@@ -93,14 +95,14 @@ impl Consumer {
             crate::config::HandlerChoice::Sql { function } => Handler::Sql(
                 crate::handlers::sql_function::SqlFunctionHandler::new(&function),
             ),
-            crate::config::HandlerChoice::OrderStatus => Handler::OrderStatus(
+            crate::config::HandlerChoice::OrderStatus => Handler::OrderStatus(Box::new(
                 crate::handlers::order_status::OrderStatusHandler::new(&config).map_err(|m| {
                     crate::config::ConfigError::new(
                         format!("consumers.{}.status_mapping", config.name),
                         m,
                     )
                 })?,
-            ),
+            )),
         };
         // A partitioned topic is read from all its partition streams.
         let mut keys = Vec::new();
@@ -131,6 +133,9 @@ RETURNING event_id"
             ),
             inbox_hashes: format!(
                 "SELECT event_id, data_hash FROM {inbox} WHERE consumer = $1 AND event_id = ANY($2::text[])"
+            ),
+            inbox_forget: format!(
+                "DELETE FROM {inbox} WHERE consumer = $1 AND event_id = ANY($2::text[])"
             ),
             config,
             pool,
