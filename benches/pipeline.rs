@@ -30,6 +30,10 @@
 //! started together; rate = work / wall time until the last one exits), one JSON line.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "pipeline/consume.rs"]
+mod consume;
+
+use consume::Event;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -65,7 +69,10 @@ struct Bench {
     db: String,
     url: String,
     prefix: String,
+    /// The consumer with its default concurrency (2).
     config: std::path::PathBuf,
+    /// The same with `concurrency = 1`.
+    config_serial: std::path::PathBuf,
 }
 
 impl Bench {
@@ -84,10 +91,9 @@ impl Bench {
         let url = format!("{}/{db}", &base[..base.rfind('/').unwrap()]);
         let prefix = format!("outboxd-bench-{}:", std::process::id());
         let config = std::env::temp_dir().join(format!("{db}.toml"));
-        std::fs::write(
-            &config,
-            format!(
-                r#"
+        let config_serial = std::env::temp_dir().join(format!("{db}-serial.toml"));
+        let text = format!(
+            r#"
 [redis]
 url = "{redis}"
 stream_prefix = "{prefix}"
@@ -105,15 +111,21 @@ batch_size = {CONSUME_BATCH}
 [http]
 listen = ""
 "#,
-                redis = redis_url()
-            ),
-        )
-        .unwrap();
+            redis = redis_url()
+        );
+        std::fs::write(&config, &text).unwrap();
+        let serial = text.replace(
+            &format!("batch_size = {CONSUME_BATCH}\n"),
+            &format!("batch_size = {CONSUME_BATCH}\nconcurrency = 1\n"),
+        );
+        assert_ne!(serial, text);
+        std::fs::write(&config_serial, serial).unwrap();
         let bench = Bench {
             db,
             url,
             prefix,
             config,
+            config_serial,
         };
         let (ok, out) = bench.outboxd(&["migrate"]);
         assert!(ok, "migrate: {out}");
@@ -121,9 +133,13 @@ listen = ""
     }
 
     fn outboxd(&self, args: &[&str]) -> (bool, String) {
+        self.outboxd_on(&self.config, args)
+    }
+
+    fn outboxd_on(&self, config: &std::path::Path, args: &[&str]) -> (bool, String) {
         let out = Command::new(env!("CARGO_BIN_EXE_outboxd"))
             .arg("--config")
-            .arg(&self.config)
+            .arg(config)
             .args(args)
             .env("OUTBOXD_LOG", "warn")
             .output()
@@ -333,49 +349,7 @@ async fn relay_limit_run(b: &Bench, rows: i64) -> f64 {
     best_pg.min(redis_rate)
 }
 
-/// Events for `orders` orders, 10 per order: 3 real transitions (picking -> processing,
-/// shipped -> shipped, delivery.confirmed -> delivered) and 7 duplicates of them, 5 on each
-/// of the two streams. They are laid out as the consumer reads them: a read takes
-/// CONSUME_BATCH entries from each stream, so each block of CONSUME_BATCH / 5 orders has its
-/// fulfillment events, then its delivery events; within a batch the consumer applies an
-/// order's events in stream order, fulfillment's stream first, so every event is one real
-/// transition or a duplicate, none is skipped.
-fn consume_events(orders: u64, events: u64) -> Vec<(String, String, String, Option<String>)> {
-    const PER_STREAM: u64 = 5;
-    let orders = orders.min(events / (2 * PER_STREAM)).max(1);
-    let block = (CONSUME_BATCH as u64 / PER_STREAM).max(1);
-    let mut out = Vec::with_capacity((orders * 2 * PER_STREAM) as usize);
-    let event = |o: u64, step: u8| {
-        let order = format!("order-{o}");
-        let (topic, status) = match step {
-            0 => (TOPIC, Some("picking".to_string())),
-            1 => (TOPIC, Some("shipped".to_string())),
-            _ => ("delivery.confirmed", None),
-        };
-        (
-            topic.to_string(),
-            order.clone(),
-            format!("{order}-step{step}"),
-            status,
-        )
-    };
-    for first in (0..orders).step_by(block as usize) {
-        let members = first..(first + block).min(orders);
-        for o in members.clone() {
-            for step in [0, 0, 1, 1, 1] {
-                out.push(event(o, step));
-            }
-        }
-        for o in members {
-            for _ in 0..PER_STREAM {
-                out.push(event(o, 2));
-            }
-        }
-    }
-    out
-}
-
-async fn publish_events(b: &Bench, events: &[(String, String, String, Option<String>)]) {
+async fn publish_events(b: &Bench, events: &[Event]) {
     b.clear_streams().await;
     let mut conn = b.redis().await;
     for chunk in events.chunks(2000) {
@@ -417,19 +391,52 @@ async fn reset_orders(client: &tokio_postgres::Client, orders: u64) {
     client.batch_execute("VACUUM ANALYZE orders").await.unwrap();
 }
 
-async fn consume_run(b: &Bench, orders: u64, events: u64) -> f64 {
+/// The two workloads of the consume bench.
+#[derive(Clone, Copy, PartialEq)]
+enum Workload {
+    /// Every event a transition or a duplicate of one (`consume::transitions`).
+    Transitions,
+    /// Picking, packed, shipped round-robin over the orders, deliveries after, a fifth of
+    /// each again (`consume::fulfillment`).
+    Fulfillment,
+}
+
+impl Workload {
+    fn name(self) -> &'static str {
+        match self {
+            Workload::Transitions => "transitions",
+            Workload::Fulfillment => "fulfillment",
+        }
+    }
+
+    fn events(self, orders: u64, events: u64) -> Vec<Event> {
+        match self {
+            Workload::Transitions => consume::transitions(orders, events, CONSUME_BATCH),
+            Workload::Fulfillment => consume::fulfillment(orders),
+        }
+    }
+}
+
+/// `outboxd consume --once` over the workload, with the consumer's concurrency of `config`.
+async fn consume_run(
+    b: &Bench,
+    config: &std::path::Path,
+    workload: Workload,
+    orders: u64,
+    events: u64,
+) -> f64 {
     let client = connect(&b.url).await;
     reset_orders(&client, orders).await;
-    let evs = consume_events(orders, events);
+    let evs = workload.events(orders, events);
     publish_events(b, &evs).await;
-    let (ok, out) = b.outboxd(&["consume", "--once"]);
+    let (ok, out) = b.outboxd_on(config, &["consume", "--once"]);
     assert!(ok, "{out}");
     let line = out
         .lines()
         .find(|l| l.starts_with("consume order-status"))
         .unwrap()
         .to_string();
-    eprintln!("  {line}");
+    eprintln!("  {}: {line}", workload.name());
     let delivered = client
         .query_one(
             "SELECT count(*) FROM orders WHERE status = 'delivered'",
@@ -438,57 +445,82 @@ async fn consume_run(b: &Bench, orders: u64, events: u64) -> f64 {
         .await
         .unwrap()
         .get::<_, i64>(0);
-    assert_eq!(delivered as u64, orders, "every order delivered");
-    assert!(
-        line.contains(" 0 skipped"),
-        "every event is a transition or a duplicate: {line}"
-    );
+    let orders_used = evs
+        .iter()
+        .map(|e| &e.1)
+        .collect::<std::collections::HashSet<_>>()
+        .len();
+    assert_eq!(delivered as usize, orders_used, "every order delivered");
+    if workload == Workload::Transitions {
+        assert!(
+            line.contains(" 0 skipped"),
+            "every event is a transition or a duplicate: {line}"
+        );
+    }
     summary_rate(&line)
 }
 
-/// The same inbox inserts and order updates as plain SQL, in the same batches, without Redis.
-async fn consume_limit_run(b: &Bench, orders: u64, events: u64) -> f64 {
+/// The limit (see `consume`): the same effects as set-based SQL, one pipelined transaction
+/// per batch, on `sessions` connections over disjoint orders.
+async fn consume_limit_run(
+    b: &Bench,
+    workload: Workload,
+    orders: u64,
+    events: u64,
+    sessions: usize,
+) -> f64 {
     let client = connect(&b.url).await;
     reset_orders(&client, orders).await;
-    let evs = consume_events(orders, events);
-    let insert = client
-        .prepare(
-            "INSERT INTO inbox (consumer, event_id, stream, entry_id, data_hash)
-             SELECT 'limit', e, 's', '0-0', 0 FROM unnest($1::text[]) e
-             ON CONFLICT DO NOTHING RETURNING event_id",
+    let evs = workload.events(orders, events);
+    let plans = consume::plan(&evs, CONSUME_BATCH, sessions);
+    let mut conns = Vec::new();
+    for _ in 0..sessions {
+        conns.push(consume::Session::new(connect(&b.url).await).await);
+    }
+    let started = Instant::now();
+    for parts in &plans {
+        futures_util::future::join_all(conns.iter().zip(parts).map(|(c, p)| c.apply(p))).await;
+    }
+    let rate = evs.len() as f64 / started.elapsed().as_secs_f64();
+    let delivered: i64 = client
+        .query_one(
+            "SELECT count(*) FROM orders WHERE status = 'delivered'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(delivered > 0, "the limit did the work");
+    eprintln!(
+        "  {}: limit with {sessions} session(s): {rate:.0} events/s",
+        workload.name()
+    );
+    rate
+}
+
+/// One-row `UPDATE` transactions per second on one connection for 3 s: what one client's
+/// commits cost here, whatever else the machine does.
+async fn commit_probe(b: &Bench) -> f64 {
+    let client = connect(&b.url).await;
+    client
+        .batch_execute(
+            "INSERT INTO orders (id, status) VALUES ('probe', 'confirmed') ON CONFLICT DO NOTHING",
         )
         .await
         .unwrap();
     let update = client
-        .prepare("UPDATE orders SET status = $2, updated_at = now() WHERE id = $1")
+        .prepare("UPDATE orders SET updated_at = now() WHERE id = 'probe'")
         .await
         .unwrap();
     let started = Instant::now();
-    // the consumer's batches: CONSUME_BATCH entries from each of the two streams
-    for chunk in evs.chunks(2 * CONSUME_BATCH) {
-        client.batch_execute("BEGIN").await.unwrap();
-        let ids: Vec<&str> = chunk.iter().map(|e| e.2.as_str()).collect();
-        let mut new: std::collections::HashSet<String> = client
-            .query(&insert, &[&ids])
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        for (_, order, id, status) in chunk {
-            // the first occurrence of a new event ID is applied, the others are duplicates
-            if new.remove(id) {
-                let to = match status.as_deref() {
-                    Some("picking") => "processing",
-                    Some(_) => "shipped",
-                    None => "delivered",
-                };
-                client.execute(&update, &[order, &to]).await.unwrap();
-            }
-        }
-        client.batch_execute("COMMIT").await.unwrap();
+    let mut n = 0u64;
+    while started.elapsed() < Duration::from_secs(3) {
+        client.execute(&update, &[]).await.unwrap();
+        n += 1;
     }
-    events as f64 / started.elapsed().as_secs_f64()
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    eprintln!("  commit probe: {rate:.0} one-row UPDATE transactions/s");
+    rate
 }
 
 fn epoch_now() -> f64 {
@@ -507,9 +539,8 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// Returns (publish p50 ms, publish p99 ms, end-to-end p99 ms).
-async fn latency_run(b: &Bench, seconds: u64) -> (f64, f64, f64) {
-    const RATE: u64 = 2000;
-    let total = RATE * seconds;
+async fn latency_run(b: &Bench, seconds: u64, rate: u64) -> (f64, f64, f64) {
+    let total = rate * seconds;
     let client = connect(&b.url).await;
     reset_orders(&client, 0).await;
     client
@@ -530,7 +561,7 @@ async fn latency_run(b: &Bench, seconds: u64) -> (f64, f64, f64) {
         .spawn()
         .unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    // two producers, each committing every other event at 1,000/s
+    // two producers, each committing every other event at half the rate
     let started = Instant::now();
     let mut producers = Vec::new();
     for p in 0..2u64 {
@@ -548,7 +579,7 @@ async fn latency_run(b: &Bench, seconds: u64) -> (f64, f64, f64) {
             let mut commits = Vec::new();
             let mut i = p;
             while i < total {
-                let due = started + Duration::from_micros(i * 1_000_000 / RATE);
+                let due = started + Duration::from_micros(i * 1_000_000 / rate);
                 tokio::time::sleep_until(due.into()).await;
                 let order = format!("lat-{i}");
                 c.execute(&insert, &[&TOPIC, &order, &(i as i64)]).await.unwrap();
@@ -682,7 +713,7 @@ async fn scale_run(b: &Bench, rows: i64, orders: u64, events: u64) -> serde_json
         relay.insert(n.to_string(), rate.into());
 
         reset_orders(&client, orders).await;
-        publish_events(b, &consume_events(orders, events)).await;
+        publish_events(b, &consume::transitions(orders, events, CONSUME_BATCH)).await;
         let secs = processes_at_once(b, n, &["consume", "--once"]);
         let inbox: i64 = client
             .query_one("SELECT count(DISTINCT event_id) FROM inbox", &[])
@@ -704,8 +735,7 @@ async fn main() {
     let runs = env_num("BENCH_RUNS", 3).max(1);
     let b = Bench::new().await;
     eprintln!("pipeline bench: {relay_rows} relay rows, {events} consume events, {runs} runs, database {}", b.db);
-    let (mut relay, mut relay_limit, mut consume, mut consume_limit, mut rss) =
-        (vec![], vec![], vec![], vec![], vec![]);
+    let (mut relay, mut relay_limit, mut rss) = (vec![], vec![], vec![]);
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     if only == "scale" {
         let result = scale_run(&b, relay_rows, orders, events).await;
@@ -719,7 +749,11 @@ async fn main() {
         return;
     }
     let latency_seconds = env_num("BENCH_LATENCY_SECONDS", 20);
-    let (mut lat50, mut lat99, mut e2e99) = (vec![], vec![], vec![]);
+    let (mut lat50, mut lat99, mut e2e99, mut probes, mut rates) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    // per workload: outboxd at concurrency 1 and 2, the limit with 1 and 2 sessions
+    let mut consumed: Vec<[Vec<f64>; 4]> = vec![Default::default(), Default::default()];
+    let workloads = [Workload::Transitions, Workload::Fulfillment];
     for run in 0..runs {
         eprintln!("run {}", run + 1);
         if only.is_empty() || only == "relay" {
@@ -728,24 +762,26 @@ async fn main() {
             rss.push(peak);
             relay_limit.push(relay_limit_run(&b, relay_rows).await);
         }
-        if only != "relay" && only != "latency" {
-            consume.push(consume_run(&b, orders, events).await);
-            consume_limit.push(consume_limit_run(&b, orders, events).await);
+        if only.is_empty() || only == "consume" {
+            for (w, figures) in workloads.iter().zip(consumed.iter_mut()) {
+                figures[0].push(consume_run(&b, &b.config_serial, *w, orders, events).await);
+                figures[1].push(consume_run(&b, &b.config, *w, orders, events).await);
+                figures[2].push(consume_limit_run(&b, *w, orders, events, 1).await);
+                figures[3].push(consume_limit_run(&b, *w, orders, events, 2).await);
+            }
         }
         if only.is_empty() || only == "latency" {
-            let (p50, p99, e99) = latency_run(&b, latency_seconds).await;
+            let probe = commit_probe(&b).await;
+            let rate = 2000.0f64.min(probe / 2.0).floor().max(100.0) as u64;
+            let (p50, p99, e99) = latency_run(&b, latency_seconds, rate).await;
+            probes.push(probe);
+            rates.push(rate as f64);
             lat50.push(p50);
             lat99.push(p99);
             e2e99.push(e99);
         }
     }
-    for v in [
-        &mut relay,
-        &mut relay_limit,
-        &mut consume,
-        &mut consume_limit,
-        &mut rss,
-    ] {
+    for v in [&mut relay, &mut relay_limit, &mut rss] {
         if v.is_empty() {
             v.push(0.0);
         }
@@ -757,30 +793,47 @@ async fn main() {
         .await
         .unwrap();
     let _ = std::fs::remove_file(&b.config);
-    let (r, rl, c, cl, m) = (
+    let _ = std::fs::remove_file(&b.config_serial);
+    let (r, rl, m) = (
         median(&mut relay.clone()),
         median(&mut relay_limit.clone()),
-        median(&mut consume.clone()),
-        median(&mut consume_limit.clone()),
         median(&mut rss.clone()),
     );
+    let round2 = |x: f64| (x * 100.0).round() / 100.0;
+    let ratio = |a: f64, b: f64| if b > 0.0 { round2(a / b) } else { 0.0 };
+    let mut consume = serde_json::Map::new();
+    for (w, figures) in workloads.iter().zip(&consumed) {
+        let [c1, c2, l1, l2] = [0, 1, 2, 3].map(|i| median(&mut figures[i].clone()));
+        let spreads = [0, 1, 2, 3].map(|i| round2(spread(&figures[i])));
+        consume.insert(
+            w.name().to_string(),
+            serde_json::json!({
+                "consume_concurrency_1_events_per_sec": c1.round(),
+                "consume_concurrency_2_events_per_sec": c2.round(),
+                "limit_1_session_events_per_sec": l1.round(),
+                "limit_2_sessions_events_per_sec": l2.round(),
+                "ratio_1": ratio(c1, l1),
+                "ratio_2": ratio(c2, l2),
+                "spread": spreads,
+            }),
+        );
+    }
     let result = serde_json::json!({
         "relay_events_per_sec": r.round(),
         "relay_limit_events_per_sec": rl.round(),
-        "relay_ratio": if rl > 0.0 { (r / rl * 100.0).round() / 100.0 } else { 0.0 },
-        "consume_events_per_sec": c.round(),
-        "consume_limit_events_per_sec": cl.round(),
-        "consume_ratio": if cl > 0.0 { (c / cl * 100.0).round() / 100.0 } else { 0.0 },
+        "relay_ratio": ratio(r, rl),
+        "consume": consume,
+        "commit_probe_per_sec": median(&mut probes.clone()).round(),
+        "latency_rate_per_sec": median(&mut rates.clone()).round(),
         "latency_p50_ms": (median(&mut lat50.clone()) * 10.0).round() / 10.0,
         "latency_p99_ms": (median(&mut lat99.clone()) * 10.0).round() / 10.0,
         "e2e_p99_ms": (median(&mut e2e99.clone()) * 10.0).round() / 10.0,
+        "e2e_p99_ms_runs": e2e99.iter().map(|x| (x * 10.0).round() / 10.0).collect::<Vec<_>>(),
         "peak_rss_mb": (m * 10.0).round() / 10.0,
         "runs": runs,
         "spread": {
-            "relay": (spread(&relay) * 100.0).round() / 100.0,
-            "relay_limit": (spread(&relay_limit) * 100.0).round() / 100.0,
-            "consume": (spread(&consume) * 100.0).round() / 100.0,
-            "consume_limit": (spread(&consume_limit) * 100.0).round() / 100.0,
+            "relay": round2(spread(&relay)),
+            "relay_limit": round2(spread(&relay_limit)),
         },
         "relay_rows": relay_rows,
         "consume_events": events,
