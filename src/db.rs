@@ -251,8 +251,15 @@ impl OpenTransaction {
     }
 
     /// Ends the transaction; the connection goes back to the pool only if that worked.
-    async fn end(mut self, statement: &str) -> Result<(), tokio_postgres::Error> {
+    async fn end(self, statement: &str) -> Result<(), tokio_postgres::Error> {
         self.client().batch_execute(statement).await?;
+        self.ended();
+        Ok(())
+    }
+
+    /// The caller's own `COMMIT` (sent in a pipeline with the last statements) succeeded:
+    /// the connection goes back to the pool, or is closed if `close_when_done`.
+    pub fn ended(mut self) {
         match self.client.take() {
             Some(client)
                 if self
@@ -263,7 +270,6 @@ impl OpenTransaction {
             }
             _ => {} // back to the pool
         }
-        Ok(())
     }
 }
 

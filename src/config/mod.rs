@@ -205,8 +205,9 @@ pub struct ConsumerConfig {
     pub batch_size: u32,
     /// Transactions one batch of the `order_status` handler is applied in at once: its events
     /// split by order into this many disjoint sets (two never lock the same order), each on
-    /// its own connection, so that one consumer can use more than one PostgreSQL core. At most
-    /// the database's `pool_size`.
+    /// its own connection. Two batches are in flight anyway (the next one is read and applied
+    /// while the last one commits), so 1 already keeps two PostgreSQL sessions busy; more
+    /// helps where PostgreSQL has cores to spare. At most the database's `pool_size`.
     #[serde(default = "defaults::consumer_concurrency")]
     pub concurrency: u32,
     /// How long one blocking read waits for new entries.
@@ -377,7 +378,7 @@ pub mod defaults {
         200
     }
     pub fn consumer_concurrency() -> u32 {
-        2
+        1
     }
     pub fn consumer_block_ms() -> u64 {
         2_000

@@ -22,11 +22,15 @@ use futures_util::future::{try_join, try_join4};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 
-/// The prepared statements of [`OrderStatusHandler::read_orders`].
+/// The batch path's statements, prepared on one connection.
 #[derive(Debug)]
-pub struct ReadStatements {
+pub struct BatchPrepared {
     lock: tokio_postgres::Statement,
     read: tokio_postgres::Statement,
+    fold: tokio_postgres::Statement,
+    update: tokio_postgres::Statement,
+    history: tokio_postgres::Statement,
+    outbox: tokio_postgres::Statement,
 }
 
 /// The statements of the batch path, built once per consumer.
@@ -192,32 +196,49 @@ impl Orders {
 }
 
 impl OrderStatusHandler {
-    /// The statements [`read_orders`](Self::read_orders) runs, prepared (once per
-    /// connection).
-    pub async fn prepare_read(
+    /// The batch path's statements, prepared (a round trip the first time on a connection,
+    /// cached after), so that the pipelines that use them send every statement at once.
+    pub async fn prepare_batch(
         &self,
-        tx: &deadpool_postgres::Transaction<'_>,
-    ) -> Result<ReadStatements, tokio_postgres::Error> {
-        let (lock, read) = try_join(
-            tx.prepare_cached(&self.batch.lock_orders),
-            tx.prepare_cached(&self.batch.read_fulfillments),
+        client: &deadpool_postgres::ClientWrapper,
+    ) -> Result<BatchPrepared, tokio_postgres::Error> {
+        let sql = &self.batch;
+        let ((lock, read), (fold, update, history, outbox)) = try_join(
+            try_join(
+                client.prepare_cached(&sql.lock_orders),
+                client.prepare_cached(&sql.read_fulfillments),
+            ),
+            try_join4(
+                client.prepare_cached(&sql.fold_fulfillments),
+                client.prepare_cached(&sql.update_orders),
+                client.prepare_cached(&sql.insert_history),
+                client.prepare_cached(&sql.insert_outbox),
+            ),
         )
         .await?;
-        Ok(ReadStatements { lock, read })
+        Ok(BatchPrepared {
+            lock,
+            read,
+            fold,
+            update,
+            history,
+            outbox,
+        })
     }
 
     /// Locks the orders of a batch (in ID order) and reads them and their fulfillments. The
-    /// two are sent at once, the lock first (a future polled in order sends its query on the
-    /// first poll); PostgreSQL runs the read after the locks are granted.
+    /// two are sent at once, the lock first (each query is sent when its future is first
+    /// polled, and these are polled in order); PostgreSQL runs the read once the locks are
+    /// granted.
     pub async fn read_orders(
         &self,
-        tx: &deadpool_postgres::Transaction<'_>,
-        statements: &ReadStatements,
+        client: &tokio_postgres::Client,
+        statements: &BatchPrepared,
         order_ids: &[&str],
     ) -> Result<Orders, tokio_postgres::Error> {
         let (statuses, fulfillments) = try_join(
-            tx.query(&statements.lock, &[&order_ids]),
-            tx.query(&statements.read, &[&order_ids]),
+            client.query(&statements.lock, &[&order_ids]),
+            client.query(&statements.read, &[&order_ids]),
         )
         .await?;
         Ok(Orders::from_rows(
@@ -319,10 +340,10 @@ impl OrderStatusHandler {
     /// that moved, their history rows and their `order.status_changed` events.
     pub async fn write_orders(
         &self,
-        tx: &deadpool_postgres::Transaction<'_>,
+        client: &tokio_postgres::Client,
+        statements: &BatchPrepared,
         orders: &Orders,
     ) -> Result<(), tokio_postgres::Error> {
-        let sql = &self.batch;
         let mut folds = FoldColumns::default();
         let mut updates: (Vec<&str>, Vec<&str>) = Default::default();
         for (order_id, order) in &orders.orders {
@@ -352,53 +373,57 @@ impl OrderStatusHandler {
             column(|m| &m.event_id),
         );
         let traces: Vec<Option<&str>> = m.iter().map(|m| m.traceparent.as_deref()).collect();
-        let (fold, update, history, outbox) = try_join4(
-            tx.prepare_cached(&sql.fold_fulfillments),
-            tx.prepare_cached(&sql.update_orders),
-            tx.prepare_cached(&sql.insert_history),
-            tx.prepare_cached(&sql.insert_outbox),
-        )
-        .await?;
+        let BatchPrepared {
+            fold,
+            update,
+            history,
+            outbox,
+            ..
+        } = statements;
+        // No await before every statement is sent: the caller pipelines its COMMIT after.
         let fold_rows = async {
             if folds.order_ids.is_empty() {
                 return Ok(0);
             }
-            tx.execute(
-                &fold,
-                &[
-                    &folds.order_ids,
-                    &folds.fulfillment_ids,
-                    &folds.statuses,
-                    &folds.ranks,
-                    &folds.progress,
-                    &folds.expected,
-                    &folds.last_event_ids,
-                ],
-            )
-            .await
+            client
+                .execute(
+                    fold,
+                    &[
+                        &folds.order_ids,
+                        &folds.fulfillment_ids,
+                        &folds.statuses,
+                        &folds.ranks,
+                        &folds.progress,
+                        &folds.expected,
+                        &folds.last_event_ids,
+                    ],
+                )
+                .await
         };
         let update_rows = async {
             if updates.0.is_empty() {
                 return Ok(0);
             }
-            tx.execute(&update, &[&updates.0, &updates.1]).await
+            client.execute(update, &[&updates.0, &updates.1]).await
         };
         let history_rows = async {
             if m.is_empty() {
                 return Ok(0);
             }
-            tx.execute(&history, &[&order_ids, &froms, &tos, &reasons, &events])
+            client
+                .execute(history, &[&order_ids, &froms, &tos, &reasons, &events])
                 .await
         };
         let outbox_rows = async {
             if m.is_empty() {
                 return Ok(0);
             }
-            tx.execute(
-                &outbox,
-                &[&order_ids, &froms, &tos, &reasons, &events, &traces],
-            )
-            .await
+            client
+                .execute(
+                    outbox,
+                    &[&order_ids, &froms, &tos, &reasons, &events, &traces],
+                )
+                .await
         };
         try_join4(fold_rows, update_rows, history_rows, outbox_rows).await?;
         Ok(())

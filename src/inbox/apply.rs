@@ -364,15 +364,20 @@ impl Consumer {
             let conflicts = if duplicates.is_empty() {
                 0
             } else {
-                crate::db::bounded(bound, &ctx, async {
-                    self.count_conflicts(&tx, &duplicates)
+                let ids: Vec<&str> = duplicates
+                    .iter()
+                    .map(|w| w.event.event_id.as_str())
+                    .collect();
+                let stored = crate::db::bounded(bound, &ctx, async {
+                    tx.query(&self.inbox_hashes, &[&self.config.name, &ids])
                         .await
                         .map_err(Error::pg(format!(
                             "consumer {}: reading inbox hashes",
                             self.config.name
                         )))
                 })
-                .await?
+                .await?;
+                self.count_conflicts(&stored, &duplicates)
             };
             crate::db::bounded(bound, &ctx, async {
                 tx.commit().await.map_err(Error::pg(ctx.clone()))
@@ -465,17 +470,37 @@ impl Consumer {
     ) -> Result<Option<SetFates>> {
         let bound = self.query_timeout;
         let ctx = format!("consumer {}: applying a batch", self.config.name);
-        let mut client = crate::db::bounded(bound, &ctx, async {
+        let client = crate::db::bounded(bound, &ctx, async {
             self.pool.get().await.map_err(Error::pool(format!(
                 "consumer {}: getting a connection",
                 self.config.name
             )))
         })
         .await?;
-        let tx = crate::db::bounded(bound, &ctx, async {
-            client.transaction().await.map_err(Error::pg(ctx.clone()))
+        let prepared = crate::db::bounded(bound, &ctx, async {
+            let (insert, hashes, forget, batch) = futures_util::future::try_join4(
+                client.prepare_cached(&self.inbox_insert),
+                client.prepare_cached(&self.inbox_hashes),
+                client.prepare_cached(&self.inbox_forget),
+                handler.prepare_batch(&client),
+            )
+            .await
+            .map_err(SetError)?;
+            Ok::<_, SetError>((insert, hashes, forget, batch))
         })
-        .await?;
+        .await;
+        let (insert, hashes_of, forget, batch) = match prepared {
+            Ok(p) => p,
+            Err(e) => return self.set_refused(e),
+        };
+        // From BEGIN on, a connection that fails (or a future dropped midway) is closed, not
+        // pooled: it may hold the transaction open. Every pipeline below sends all its
+        // statements on its first poll (each is prepared), so they reach PostgreSQL in order.
+        let tx = crate::db::OpenTransaction::new(client);
+        if large {
+            // closed, not pooled: it would keep buffers this large for as long as it lives
+            tx.close_when_done();
+        }
         let items: Vec<&Work> = set.iter().map(|&k| &work[k]).collect();
         let mut order_ids: Vec<&str> = items.iter().filter_map(|w| w.lock_key.as_deref()).collect();
         order_ids.sort_unstable();
@@ -487,22 +512,20 @@ impl Consumer {
             .collect();
         let entry_ids: Vec<&str> = items.iter().map(|w| entries[w.entry].id.as_str()).collect();
         let hashes: Vec<i64> = items.iter().map(|w| w.hash).collect();
-        // One round trip: the orders locked (first, in ID order) and read, then the inbox rows.
+        let c: &tokio_postgres::Client = tx.client();
+        // One round trip: BEGIN; the orders locked (in ID order) and read with their
+        // fulfillments; the inbox rows.
         let read = crate::db::bounded(bound, &ctx, async {
-            let (insert, statements) = futures_util::future::try_join(
-                tx.prepare_cached(&self.inbox_insert),
-                handler.prepare_read(&tx),
-            )
-            .await?;
-            // Planned for these arrays and the tables as they are now: a generic plan made
-            // while a table was small scans it whole for every element of `= ANY($1)` once
-            // it has grown (measured: most of PostgreSQL's time on a 10,000-order batch run).
-            let custom_plans = tx.batch_execute("SET LOCAL plan_cache_mode = force_custom_plan");
-            let ((), read) = futures_util::future::try_join(
-                custom_plans,
+            // Index probes, never a scan of a whole table: a plan made while a table was small
+            // (or for a batch of many orders) scans it whole, comparing every row with every
+            // element of `= ANY($1)`, and keeps doing so as it grows (measured: most of
+            // PostgreSQL's time on a 10,000-order run). Every statement here has an index.
+            let ((), (), (orders, inserted)) = futures_util::future::try_join3(
+                c.batch_execute("BEGIN"),
+                c.batch_execute("SET LOCAL enable_seqscan = off"),
                 futures_util::future::try_join(
-                    handler.read_orders(&tx, &statements, &order_ids),
-                    tx.query(
+                    handler.read_orders(c, &batch, &order_ids),
+                    c.query(
                         &insert,
                         &[&self.config.name, &event_ids, &streams, &entry_ids, &hashes],
                     ),
@@ -510,7 +533,7 @@ impl Consumer {
             )
             .await
             .map_err(SetError)?;
-            Ok::<_, SetError>(read)
+            Ok::<_, SetError>((orders, inserted))
         })
         .await;
         let (mut orders, inserted) = match read {
@@ -549,39 +572,44 @@ impl Consumer {
         }
         // The inbox rows of events that failed go: they are retried.
         let unsettled: Vec<&str> = new_ids.iter().map(String::as_str).collect();
+        let duplicate_ids: Vec<&str> = duplicates
+            .iter()
+            .map(|w| w.event.event_id.as_str())
+            .collect();
+        // One round trip: the writes, the inbox rows forgotten, the stored hashes of the
+        // duplicates, COMMIT. A write that fails aborts the transaction and the COMMIT then
+        // rolls it back; its error is the one reported.
         let written = crate::db::bounded(bound, &ctx, async {
-            let forget = tx.prepare_cached(&self.inbox_forget).await?;
-            let forget = async {
+            let forget_rows = async {
                 if unsettled.is_empty() {
                     return Ok(0);
                 }
-                tx.execute(&forget, &[&self.config.name, &unsettled]).await
+                c.execute(&forget, &[&self.config.name, &unsettled]).await
             };
-            let conflicts = async {
-                if duplicates.is_empty() {
-                    return Ok(0);
+            let stored = async {
+                if duplicate_ids.is_empty() {
+                    return Ok(Vec::new());
                 }
-                self.count_conflicts(&tx, &duplicates).await
+                c.query(&hashes_of, &[&self.config.name, &duplicate_ids])
+                    .await
             };
-            let (_, _, conflicts) = futures_util::future::try_join3(
-                handler.write_orders(&tx, &orders),
-                forget,
-                conflicts,
+            let ((), _, stored, ()) = futures_util::future::try_join4(
+                handler.write_orders(c, &batch, &orders),
+                forget_rows,
+                stored,
+                c.batch_execute("COMMIT"),
             )
             .await
             .map_err(SetError)?;
-            tx.commit().await.map_err(SetError)?;
-            Ok::<_, SetError>(conflicts)
+            Ok::<_, SetError>(stored)
         })
         .await;
-        let conflicts = match written {
-            Ok(conflicts) => conflicts,
+        let stored = match written {
+            Ok(stored) => stored,
             Err(e) => return self.set_refused(e),
         };
-        if large {
-            // closed, not pooled: it would keep buffers this large for as long as it lives
-            drop(deadpool_postgres::Object::take(client));
-        }
+        tx.ended();
+        let conflicts = self.count_conflicts(&stored, &duplicates);
         Ok(Some(SetFates { fates, conflicts }))
     }
 
@@ -760,19 +788,10 @@ impl Consumer {
             .observe(started.elapsed().as_secs_f64());
     }
 
-    async fn count_conflicts(
-        &self,
-        tx: &deadpool_postgres::Transaction<'_>,
-        duplicates: &[&Work],
-    ) -> std::result::Result<u64, tokio_postgres::Error> {
-        let ids: Vec<&str> = duplicates
-            .iter()
-            .map(|w| w.event.event_id.as_str())
-            .collect();
-        let rows = tx
-            .query(&self.inbox_hashes, &[&self.config.name, &ids])
-            .await?;
-        let stored: HashMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    /// The duplicates whose data differs from the first one applied (`stored`: event ID and
+    /// data hash rows from the inbox), each said in a line and a metric.
+    fn count_conflicts(&self, stored: &[tokio_postgres::Row], duplicates: &[&Work]) -> u64 {
+        let stored: HashMap<String, i64> = stored.iter().map(|r| (r.get(0), r.get(1))).collect();
         let mut conflicts = 0;
         for w in duplicates {
             if stored.get(&w.event.event_id).is_some_and(|h| *h != w.hash) {
@@ -780,7 +799,7 @@ impl Consumer {
                 crate::events::data_conflict(&self.config.name, &w.event.event_id);
             }
         }
-        Ok(conflicts)
+        conflicts
     }
 }
 

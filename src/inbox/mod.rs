@@ -16,6 +16,7 @@
 
 mod apply;
 pub mod dlq;
+mod inflight;
 pub mod read;
 
 use crate::config::{Config, ConsumerConfig};
@@ -132,7 +133,8 @@ ON CONFLICT (consumer, event_id) DO NOTHING
 RETURNING event_id"
             ),
             inbox_hashes: format!(
-                "SELECT event_id, data_hash FROM {inbox} WHERE consumer = $1 AND event_id = ANY($2::text[])"
+                "SELECT i.event_id, i.data_hash FROM unnest($2::text[]) AS k(event_id)
+JOIN {inbox} AS i ON i.consumer = $1 AND i.event_id = k.event_id"
             ),
             inbox_forget: format!(
                 "DELETE FROM {inbox} WHERE consumer = $1 AND event_id = ANY($2::text[])"
@@ -205,12 +207,25 @@ RETURNING event_id"
         let mut idle = Duration::ZERO;
         let watch = crate::watchdog::register(&format!("consumer {}", self.config.name));
         tracing::info!(consumer = %self.config.name, instance = %self.instance, "consumer started");
+        // The next batch is read and started while the last ones are applied.
+        let mut batches = inflight::Batches::new();
         loop {
             if shutdown.is_cancelled() {
                 break;
             }
             watch.busy();
             let step = async {
+                if let Some(e) = batches.failure() {
+                    return Err(e);
+                }
+                let _ = batches.tally();
+                if rescan || last_claim.elapsed() >= claim_every {
+                    // The passes read this instance's pending entries: none may be in flight.
+                    batches.finish().await;
+                    if let Some(e) = batches.failure() {
+                        return Err(e);
+                    }
+                }
                 if rescan {
                     self.ensure_groups().await?;
                     self.pending_pass().await?;
@@ -219,6 +234,10 @@ RETURNING event_id"
                 if last_claim.elapsed() >= claim_every {
                     last_claim = Instant::now();
                     self.claim_pass().await?;
+                }
+                if !batches.has_room() {
+                    batches.one().await;
+                    return Ok(false);
                 }
                 if blocking.is_none() {
                     blocking = Some(
@@ -236,55 +255,63 @@ RETURNING event_id"
                     .min(claim_every.saturating_sub(last_claim.elapsed()))
                     .max(Duration::from_millis(10));
                 let batch = self.config.batch_size as usize;
-                // Shutdown interrupts only this wait, never a batch being applied. The read is
-                // woken, not dropped: dropped just as Redis delivered, its entries would stay
-                // pending here until a restart or another instance's XAUTOCLAIM.
-                let mut entries = if self.redis.is_cluster() {
-                    // Reads do not block on a cluster: when nothing came, wait a little
-                    // longer each time (5 ms up to 100 ms), so an idle consumer polls gently
-                    // and a busy one never waits.
-                    let entries = self.read_new(conn, batch, None).await?;
-                    if entries.is_empty() {
-                        idle = (idle * 2).clamp(
-                            Duration::from_millis(5),
-                            block.min(Duration::from_millis(100)),
-                        );
-                        tokio::select! {
-                            _ = shutdown.cancelled() => {}
-                            _ = tokio::time::sleep(idle) => {}
-                        }
-                    } else {
-                        idle = Duration::ZERO;
-                    }
-                    entries
-                } else {
-                    let read = self.read_new(conn, batch, Some(block.as_millis() as u64));
-                    tokio::pin!(read);
-                    tokio::select! {
-                        biased;
-                        r = &mut read => r?,
-                        _ = shutdown.cancelled() => {
-                            if let Some(client_id) = client_id {
-                                if let Err(e) = self.redis.unblock(client_id).await {
-                                    tracing::warn!(consumer = %self.config.name, error = %crate::error::chain(&e), "could not wake the blocking read; leaving its entries to the next start");
-                                    return Ok(false);
-                                }
+                let read = async {
+                    // Shutdown interrupts only this wait, never a batch being applied. The read is
+                    // woken, not dropped: dropped just as Redis delivered, its entries would stay
+                    // pending here until a restart or another instance's XAUTOCLAIM.
+                    let mut entries = if self.redis.is_cluster() {
+                        // Reads do not block on a cluster: when nothing came, wait a little
+                        // longer each time (5 ms up to 100 ms), so an idle consumer polls gently
+                        // and a busy one never waits.
+                        let entries = self.read_new(conn, batch, None).await?;
+                        if entries.is_empty() {
+                            idle = (idle * 2).clamp(
+                                Duration::from_millis(5),
+                                block.min(Duration::from_millis(100)),
+                            );
+                            tokio::select! {
+                                _ = shutdown.cancelled() => {}
+                                _ = tokio::time::sleep(idle) => {}
                             }
-                            read.await?
+                        } else {
+                            idle = Duration::ZERO;
                         }
+                        entries
+                    } else {
+                        let read = self.read_new(conn, batch, Some(block.as_millis() as u64));
+                        tokio::pin!(read);
+                        tokio::select! {
+                            biased;
+                            r = &mut read => r?,
+                            _ = shutdown.cancelled() => {
+                                if let Some(client_id) = client_id {
+                                    if let Err(e) = self.redis.unblock(client_id).await {
+                                        tracing::warn!(consumer = %self.config.name, error = %crate::error::chain(&e), "could not wake the blocking read; leaving its entries to the next start");
+                                        return Ok(None);
+                                    }
+                                }
+                                read.await?
+                            }
+                        }
+                    };
+                    if !entries.is_empty()
+                        && entries.len() < batch / 4
+                        && self.config.linger_ms > 0
+                        && !shutdown.is_cancelled()
+                    {
+                        tokio::time::sleep(Duration::from_millis(self.config.linger_ms)).await;
+                        let more = self.read_new(conn, batch - entries.len(), None).await?;
+                        entries.extend(more);
                     }
+                    Ok::<Option<Vec<read::Entry>>, Error>(Some(entries))
                 };
-                if !entries.is_empty()
-                    && entries.len() < batch / 4
-                    && self.config.linger_ms > 0
-                    && !shutdown.is_cancelled()
-                {
-                    tokio::time::sleep(Duration::from_millis(self.config.linger_ms)).await;
-                    let more = self.read_new(conn, batch - entries.len(), None).await?;
-                    entries.extend(more);
-                }
+                let Some(entries) = batches.beside(read).await? else {
+                    return Ok(false);
+                };
                 let large = apply::carries_large_entries(&entries);
-                self.process(entries, true).await?;
+                if !entries.is_empty() {
+                    batches.start(&self, entries);
+                }
                 Ok::<bool, Error>(large)
             };
             let result = step.await;
@@ -299,6 +326,10 @@ RETURNING event_id"
                     backoff.reset()
                 }
                 Err(e) if e.is_transient() || is_missing_group(&e) => {
+                    // the batches still in flight end first (their own errors are the same
+                    // trouble; the rescan after the backoff picks up what they left pending)
+                    batches.finish().await;
+                    let _ = batches.failure();
                     let error = crate::error::chain(&e);
                     watch.failed(&error);
                     crate::db::after_failure(&self.pool, &e);
@@ -311,8 +342,15 @@ RETURNING event_id"
                         _ = tokio::time::sleep(delay) => {}
                     }
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    batches.finish().await;
+                    return Err(e);
+                }
             }
+        }
+        batches.finish().await;
+        if let Some(e) = batches.failure() {
+            tracing::warn!(consumer = %self.config.name, error = %crate::error::chain(&e), "a batch failed while stopping; its entries stay pending for the next start");
         }
         self.forget_self().await;
         tracing::info!(consumer = %self.config.name, "consumer stopped");
@@ -335,17 +373,29 @@ RETURNING event_id"
                 self.ensure_groups().await?;
                 round.add(&self.pending_pass().await?);
                 let mut conn = self.redis.commands();
-                loop {
-                    if shutdown.is_cancelled() {
-                        break;
+                // The next batch is read and started while the last ones are applied.
+                let mut batches = inflight::Batches::new();
+                let read_failed = loop {
+                    if shutdown.is_cancelled() || batches.has_failed() {
+                        break None;
                     }
-                    let entries = self
-                        .read_new(&mut conn, self.config.batch_size as usize, None)
-                        .await?;
-                    if entries.is_empty() {
-                        break;
+                    if !batches.has_room() {
+                        batches.one().await;
+                        continue;
                     }
-                    round.add(&self.process(entries, true).await?);
+                    let read = batches
+                        .beside(self.read_new(&mut conn, self.config.batch_size as usize, None))
+                        .await;
+                    match read {
+                        Ok(entries) if entries.is_empty() => break None,
+                        Ok(entries) => batches.start(self, entries),
+                        Err(e) => break Some(e),
+                    }
+                };
+                batches.finish().await;
+                round.add(&batches.tally());
+                if let Some(e) = batches.failure().or(read_failed) {
+                    return Err(e);
                 }
                 round.add(&self.claim_pass().await?);
                 Ok::<Tally, Error>(round)
