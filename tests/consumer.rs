@@ -370,6 +370,22 @@ async fn duplicates_and_replays_change_nothing() {
 }
 
 #[tokio::test]
+async fn an_id_repeated_with_other_data_in_one_batch_is_a_conflict() {
+    let s = setup("dups_in_batch", "").await;
+    s.order("o1", "confirmed").await;
+    s.fulfillment("twice", "o1", "f1", "picking", None).await;
+    s.fulfillment("twice", "o1", "f1", "shipped", None).await;
+    s.fulfillment("twice", "o1", "f1", "picking", None).await;
+    let t = s.drain().await;
+    assert_eq!(
+        (t.applied, t.duplicate, t.conflicts),
+        (1, 2, 1),
+        "the first applied, the one with other data counted: {t:?}"
+    );
+    assert_eq!(s.status("o1").await, "processing");
+}
+
+#[tokio::test]
 async fn poison_entries_are_dead_lettered_and_others_flow() {
     let s = setup("poison", "").await;
     s.order("ok", "confirmed").await;

@@ -541,12 +541,30 @@ impl Consumer {
             Err(e) => return self.set_refused(e),
         };
         let mut new_ids: HashSet<String> = inserted.iter().map(|r| r.get(0)).collect();
+        // The data hash each event ID was recorded with in this transaction: its first
+        // occurrence in the set (the inbox insert keeps the first of a repeated ID).
+        let mut recorded: HashMap<&str, i64> = HashMap::new();
+        for w in &items {
+            if new_ids.contains(w.event.event_id.as_str()) {
+                recorded.entry(w.event.event_id.as_str()).or_insert(w.hash);
+            }
+        }
         let mut fates: Vec<(usize, Fate)> = Vec::with_capacity(set.len());
+        // Duplicates of events recorded before this batch: their hashes are read back.
         let mut duplicates: Vec<&Work> = Vec::new();
+        let mut repeated_with_other_data: Vec<&str> = Vec::new();
         for (&k, w) in set.iter().zip(&items) {
             let id = w.event.event_id.as_str();
             if !new_ids.contains(id) {
-                duplicates.push(w);
+                match recorded.get(id) {
+                    // repeated within the batch: compared here, no round trip
+                    Some(&first) => {
+                        if first != w.hash {
+                            repeated_with_other_data.push(id);
+                        }
+                    }
+                    None => duplicates.push(w),
+                }
                 fates.push((k, Fate::Duplicate));
                 continue;
             }
@@ -609,7 +627,11 @@ impl Consumer {
             Err(e) => return self.set_refused(e),
         };
         tx.ended();
-        let conflicts = self.count_conflicts(&stored, &duplicates);
+        for id in &repeated_with_other_data {
+            crate::events::data_conflict(&self.config.name, id);
+        }
+        let conflicts =
+            repeated_with_other_data.len() as u64 + self.count_conflicts(&stored, &duplicates);
         Ok(Some(SetFates { fates, conflicts }))
     }
 
