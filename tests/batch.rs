@@ -84,6 +84,34 @@ impl Orders {
         let () = pipe.query_async(&mut conn).await.unwrap();
     }
 
+    /// `n` consumer daemons of this config, each with its own log.
+    fn consumers(&self, n: usize) -> Vec<std::process::Child> {
+        let dir = self.cfg.parent().unwrap();
+        (0..n)
+            .map(|i| {
+                spawn_bin(
+                    &["--config", self.cfg.to_str().unwrap(), "consume"],
+                    &dir.join(format!("c{i}.log")),
+                )
+            })
+            .collect()
+    }
+
+    /// Waits until every one of `n` orders is at `status` and nothing is pending.
+    async fn settled_at(&self, n: i64, status: &str) {
+        let sql = format!("SELECT count(*) FROM orders WHERE status = '{status}'");
+        wait_until(
+            &format!("every order {status}"),
+            Duration::from_secs(90),
+            || async { self.count(&sql).await == n },
+        )
+        .await;
+        wait_until("nothing pending", Duration::from_secs(30), || {
+            self.nothing_pending()
+        })
+        .await;
+    }
+
     fn consume_once(&self) -> String {
         outboxd(&self.cfg, &["consume", "--once"])
     }
@@ -170,6 +198,16 @@ impl Orders {
                 "order {order}: one order.status_changed per move, in order"
             );
         }
+    }
+}
+
+/// SIGTERM to each, and each must exit 0.
+fn stop(procs: Vec<std::process::Child>) {
+    for p in &procs {
+        sigterm(p);
+    }
+    for mut p in procs {
+        assert!(p.wait().unwrap().success());
     }
 }
 
@@ -347,31 +385,9 @@ async fn duplicates_inside_a_batch_and_across_batches_in_flight_apply_once() {
     let again = events.clone();
     events.extend(again);
     o.publish(&events, &[]).await;
-    let dir = o.cfg.parent().unwrap().to_path_buf();
-    let mut procs: Vec<_> = (0..2)
-        .map(|i| {
-            spawn_bin(
-                &["--config", o.cfg.to_str().unwrap(), "consume"],
-                &dir.join(format!("c{i}.log")),
-            )
-        })
-        .collect();
-    wait_until("every order shipped", Duration::from_secs(60), || async {
-        o.count("SELECT count(*) FROM orders WHERE status = 'shipped'")
-            .await
-            == n
-    })
-    .await;
-    wait_until("nothing pending", Duration::from_secs(30), || {
-        o.nothing_pending()
-    })
-    .await;
-    for p in &procs {
-        sigterm(p);
-    }
-    for p in procs.iter_mut() {
-        assert!(p.wait().unwrap().success());
-    }
+    let procs = o.consumers(2);
+    o.settled_at(n, "shipped").await;
+    stop(procs);
     assert_eq!(o.count("SELECT count(*) FROM inbox").await, 2 * n);
     assert_eq!(
         o.count("SELECT count(*) FROM order_status_history").await,
@@ -387,15 +403,7 @@ async fn batches_of_two_processes_on_the_same_orders_fold_every_event() {
     let o = Orders::new("batch_same_orders", "batch_size = 7\nconcurrency = 3").await;
     let n = 60;
     o.orders((0..n).map(|i| format!("o{i}"))).await;
-    let dir = o.cfg.parent().unwrap().to_path_buf();
-    let mut procs: Vec<_> = (0..2)
-        .map(|i| {
-            spawn_bin(
-                &["--config", o.cfg.to_str().unwrap(), "consume"],
-                &dir.join(format!("c{i}.log")),
-            )
-        })
-        .collect();
+    let procs = o.consumers(2);
     for status in ["picking", "packed", "shipped"] {
         let mut events = Vec::new();
         for f in ["fa", "fb"] {
@@ -411,22 +419,8 @@ async fn batches_of_two_processes_on_the_same_orders_fold_every_event() {
         }
         o.publish(&events, &[]).await;
     }
-    wait_until("every order shipped", Duration::from_secs(60), || async {
-        o.count("SELECT count(*) FROM orders WHERE status = 'shipped'")
-            .await
-            == n
-    })
-    .await;
-    wait_until("nothing pending", Duration::from_secs(30), || {
-        o.nothing_pending()
-    })
-    .await;
-    for p in &procs {
-        sigterm(p);
-    }
-    for p in procs.iter_mut() {
-        assert!(p.wait().unwrap().success());
-    }
+    o.settled_at(n, "shipped").await;
+    stop(procs);
     assert_eq!(
         o.count("SELECT count(*) FROM order_fulfillments WHERE status = 'shipped'")
             .await,
@@ -477,16 +471,7 @@ async fn sigkill_with_several_batches_in_flight_loses_and_doubles_nothing() {
         &["--config", o.cfg.to_str().unwrap(), "consume"],
         &dir.join("heir.log"),
     );
-    wait_until("every order shipped", Duration::from_secs(90), || async {
-        o.count("SELECT count(*) FROM orders WHERE status = 'shipped'")
-            .await
-            == n
-    })
-    .await;
-    wait_until("nothing pending", Duration::from_secs(30), || {
-        o.nothing_pending()
-    })
-    .await;
+    o.settled_at(n, "shipped").await;
     sigterm(&heir);
     assert!(heir.wait().unwrap().success());
     assert_eq!(

@@ -8,8 +8,9 @@
 //! changes no state and is reported on its own; the others go ahead.
 
 use super::order_status::{
-    fulfillment_count, kind_of, object_payload, required_str, OrderStatusHandler,
-    DELIVERY_CONFIRMED, FULFILLMENT_STATUS_CHANGED, ORDER_STATUS_CHANGED,
+    delivery_reason, echo_traceparent, kind_of, object_payload, order_missing, required_str,
+    skipped, FulfillmentReport, OrderStatusHandler, DELIVERY_CONFIRMED, FULFILLMENT_STATUS_CHANGED,
+    ORDER_STATUS_CHANGED,
 };
 use super::rules::{
     aggregate_target, decide, CurrentStatus, Decision, FulfillmentState, FulfillmentStatus,
@@ -19,7 +20,6 @@ use super::{HandleError, Outcome};
 use crate::db::{quote_ident, quote_qualified};
 use crate::envelope::Incoming;
 use futures_util::future::{try_join, try_join4};
-use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 
 /// The batch path's statements, prepared on one connection.
@@ -269,12 +269,9 @@ impl OrderStatusHandler {
                 let order = orders
                     .orders
                     .get(order_id)
-                    .ok_or_else(|| missing(order_id))?;
+                    .ok_or_else(|| order_missing(order_id))?;
                 let current = order.status.clone();
-                let reason = match event.data.get("shipment_id").and_then(Value::as_str) {
-                    Some(s) => format!("delivery confirmed (shipment {s})"),
-                    None => "delivery confirmed".to_string(),
-                };
+                let reason = delivery_reason(&event.data);
                 Ok(orders.transition(
                     order_id,
                     &current,
@@ -292,20 +289,21 @@ impl OrderStatusHandler {
         orders: &mut Orders,
         event: &Incoming,
     ) -> Result<Outcome, HandleError> {
-        let order_id = required_str(&event.data, "order_id")?;
-        let fulfillment_id = required_str(&event.data, "fulfillment_id")?;
-        let new_status = required_str(&event.data, "new_status")?;
-        let expected = fulfillment_count(&event.data)?;
-        let Some(status) = FulfillmentStatus::parse(new_status) else {
-            return Ok(Outcome::Skipped {
-                code: "unknown_status",
-                reason: format!("unknown fulfillment status {new_status:?}; no change"),
-            });
+        let report = match FulfillmentReport::read(event)? {
+            Ok(report) => report,
+            Err(skipped) => return Ok(skipped),
         };
+        let FulfillmentReport {
+            order_id,
+            fulfillment_id,
+            status,
+            expected,
+            ..
+        } = report;
         let order = orders
             .orders
             .get_mut(order_id)
-            .ok_or_else(|| missing(order_id))?;
+            .ok_or_else(|| order_missing(order_id))?;
         let folded = match order.fulfillments.get(fulfillment_id) {
             Some(f) => Fulfillment {
                 state: f.state.fold(status),
@@ -332,8 +330,7 @@ impl OrderStatusHandler {
             .and_then(|n| u32::try_from(n).ok());
         let target = aggregate_target(&states, expected, &self.mapping);
         let current = order.status.clone();
-        let reason = format!("fulfillment {fulfillment_id} {new_status}");
-        Ok(orders.transition(order_id, &current, target, reason, event))
+        Ok(orders.transition(order_id, &current, target, report.reason(), event))
     }
 
     /// Writes what the batch decided, in one round trip: the fulfillment folds, the orders
@@ -442,10 +439,7 @@ impl Orders {
         event: &Incoming,
     ) -> Outcome {
         match decide(&CurrentStatus::from_db(current), target) {
-            Decision::Skip(skip) => Outcome::Skipped {
-                code: skip.code(),
-                reason: format!("order {order_id}: {skip}"),
-            },
+            Decision::Skip(skip) => skipped(order_id, &skip),
             Decision::Apply { to, .. } => {
                 if let Some(order) = self.orders.get_mut(order_id) {
                     order.status = to.as_str().to_string();
@@ -456,11 +450,7 @@ impl Orders {
                     to: to.as_str().to_string(),
                     reason,
                     event_id: event.event_id.clone(),
-                    traceparent: event
-                        .traceparent
-                        .as_deref()
-                        .and_then(crate::trace::TraceParent::parse)
-                        .map(|tp| tp.child()),
+                    traceparent: echo_traceparent(event),
                 });
                 Outcome::Applied {
                     transition: Some((current.to_string(), to.as_str().to_string())),
@@ -468,10 +458,6 @@ impl Orders {
             }
         }
     }
-}
-
-fn missing(order_id: &str) -> HandleError {
-    HandleError::Retry(format!("order {order_id:?} does not exist (yet)"))
 }
 
 #[cfg(test)]

@@ -140,16 +140,17 @@ VALUES ('{ORDER_STATUS_CHANGED}', $1, jsonb_build_object(
         tx: &deadpool_postgres::Transaction<'_>,
         event: &Incoming,
     ) -> Result<Outcome, HandleError> {
-        let order_id = required_str(&event.data, "order_id")?;
-        let fulfillment_id = required_str(&event.data, "fulfillment_id")?;
-        let new_status = required_str(&event.data, "new_status")?;
-        let expected = fulfillment_count(&event.data)?;
-        let Some(status) = FulfillmentStatus::parse(new_status) else {
-            return Ok(Outcome::Skipped {
-                code: "unknown_status",
-                reason: format!("unknown fulfillment status {new_status:?}; no change"),
-            });
+        let report = match FulfillmentReport::read(event)? {
+            Ok(report) => report,
+            Err(skipped) => return Ok(skipped),
         };
+        let FulfillmentReport {
+            order_id,
+            fulfillment_id,
+            status,
+            expected,
+            ..
+        } = report;
         let statement = tx
             .prepare_cached(&self.fold_fulfillment)
             .await
@@ -171,9 +172,7 @@ VALUES ('{ORDER_STATUS_CHANGED}', $1, jsonb_build_object(
             .map_err(|e| HandleError::from_pg("order_status: recording the fulfillment", e))?;
         let current: Option<String> = row.get(0);
         let Some(current) = current else {
-            return Err(HandleError::Retry(format!(
-                "order {order_id:?} does not exist (yet)"
-            )));
+            return Err(order_missing(order_id));
         };
         let ranks: Vec<i16> = row.get(1);
         let progress: Vec<i16> = row.get(2);
@@ -190,8 +189,7 @@ VALUES ('{ORDER_STATUS_CHANGED}', $1, jsonb_build_object(
             .collect();
         let expected = expected.and_then(|n| u32::try_from(n).ok());
         let target = aggregate_target(&fulfillments, expected, &self.mapping);
-        let reason = format!("fulfillment {fulfillment_id} {new_status}");
-        self.transition(tx, order_id, &current, target, &reason, event)
+        self.transition(tx, order_id, &current, target, &report.reason(), event)
             .await
     }
 
@@ -210,15 +208,10 @@ VALUES ('{ORDER_STATUS_CHANGED}', $1, jsonb_build_object(
             .await
             .map_err(|e| HandleError::from_pg("order_status: locking the order", e))?;
         let Some(row) = row else {
-            return Err(HandleError::Retry(format!(
-                "order {order_id:?} does not exist (yet)"
-            )));
+            return Err(order_missing(order_id));
         };
         let current: String = row.get(0);
-        let reason = match event.data.get("shipment_id").and_then(Value::as_str) {
-            Some(s) => format!("delivery confirmed (shipment {s})"),
-            None => "delivery confirmed".to_string(),
-        };
+        let reason = delivery_reason(&event.data);
         self.transition(
             tx,
             order_id,
@@ -240,21 +233,13 @@ VALUES ('{ORDER_STATUS_CHANGED}', $1, jsonb_build_object(
         event: &Incoming,
     ) -> Result<Outcome, HandleError> {
         match decide(&CurrentStatus::from_db(current), target) {
-            Decision::Skip(skip) => Ok(Outcome::Skipped {
-                code: skip.code(),
-                reason: format!("order {order_id}: {skip}"),
-            }),
+            Decision::Skip(skip) => Ok(skipped(order_id, &skip)),
             Decision::Apply { to, .. } => {
                 let statement = tx
                     .prepare_cached(&self.apply)
                     .await
                     .map_err(|e| HandleError::from_pg("order_status: preparing", e))?;
-                // The echo continues the incoming event's trace: same trace ID, a new span.
-                let traceparent = event
-                    .traceparent
-                    .as_deref()
-                    .and_then(crate::trace::TraceParent::parse)
-                    .map(|tp| tp.child());
+                let traceparent = echo_traceparent(event);
                 tx.execute(
                     &statement,
                     &[
@@ -274,6 +259,77 @@ VALUES ('{ORDER_STATUS_CHANGED}', $1, jsonb_build_object(
             }
         }
     }
+}
+
+/// A `fulfillment.status_changed` event's fields, checked (both paths read it the same way).
+pub(super) struct FulfillmentReport<'a> {
+    pub order_id: &'a str,
+    pub fulfillment_id: &'a str,
+    pub new_status: &'a str,
+    pub status: FulfillmentStatus,
+    /// `metadata.fulfillment_count`, when the event says how many fulfillments there are.
+    pub expected: Option<i32>,
+}
+
+impl<'a> FulfillmentReport<'a> {
+    /// The report, or the skip of an unknown status; a malformed payload is an error.
+    pub fn read(
+        event: &'a Incoming,
+    ) -> Result<Result<FulfillmentReport<'a>, Outcome>, HandleError> {
+        let order_id = required_str(&event.data, "order_id")?;
+        let fulfillment_id = required_str(&event.data, "fulfillment_id")?;
+        let new_status = required_str(&event.data, "new_status")?;
+        let expected = fulfillment_count(&event.data)?;
+        let Some(status) = FulfillmentStatus::parse(new_status) else {
+            return Ok(Err(Outcome::Skipped {
+                code: "unknown_status",
+                reason: format!("unknown fulfillment status {new_status:?}; no change"),
+            }));
+        };
+        Ok(Ok(FulfillmentReport {
+            order_id,
+            fulfillment_id,
+            new_status,
+            status,
+            expected,
+        }))
+    }
+
+    /// The reason of the move it causes, as the history records it.
+    pub fn reason(&self) -> String {
+        format!("fulfillment {} {}", self.fulfillment_id, self.new_status)
+    }
+}
+
+/// The reason of a move caused by a `delivery.confirmed` event.
+pub(super) fn delivery_reason(data: &Value) -> String {
+    match data.get("shipment_id").and_then(Value::as_str) {
+        Some(s) => format!("delivery confirmed (shipment {s})"),
+        None => "delivery confirmed".to_string(),
+    }
+}
+
+/// An event whose order is not there: retried, it may be committed later.
+pub(super) fn order_missing(order_id: &str) -> HandleError {
+    HandleError::Retry(format!("order {order_id:?} does not exist (yet)"))
+}
+
+/// The outcome of an event the rules leave alone.
+pub(super) fn skipped(order_id: &str, skip: &super::rules::SkipReason) -> Outcome {
+    Outcome::Skipped {
+        code: skip.code(),
+        reason: format!("order {order_id}: {skip}"),
+    }
+}
+
+/// The `traceparent` of the `order.status_changed` event a traced event causes: it continues
+/// the incoming trace (same trace ID, a new span).
+pub(super) fn echo_traceparent(event: &Incoming) -> Option<String> {
+    event
+        .traceparent
+        .as_deref()
+        .and_then(crate::trace::TraceParent::parse)
+        .map(|tp| tp.child())
 }
 
 /// Which of the handler's event types an event is: by its stream, its CloudEvents `type` or
