@@ -44,6 +44,7 @@ pub fn relay_started(database: &str, table: &str) {
         m.relay_errors.with_label_values(&[database, table, kind]);
     }
     m.relay_quarantined.with_label_values(&[database, table]);
+    m.relay_active.with_label_values(&[database, table]);
 }
 
 /// A consumer starts: its counters at 0 (as [`relay_started`]), for its stream keys, and

@@ -74,6 +74,9 @@ metrics! {
         ["database", "table", "kind"]);
     relay_quarantined: counter("outboxd_relay_quarantined_total",
         "Outbox rows quarantined after max_attempts failed publishes.", ["database", "table"]);
+    relay_active: int_gauge("outboxd_relay_active",
+        "1 while this process's relay is the active one of its outbox (others stand by), else 0.",
+        ["database", "table"]);
     outbox_backlog_rows: int_gauge("outboxd_outbox_backlog_rows",
         "Unpublished outbox rows (quarantined included).", ["database", "table"]);
     outbox_oldest_age_seconds: gauge("outboxd_outbox_oldest_unpublished_age_seconds",

@@ -874,7 +874,7 @@ async fn a_late_commit_below_the_pipelines_bound_is_published_in_the_same_run() 
     let mut batches = 0;
     let mut progress = |_: &outboxd::relay::BatchOutcome| batches += 1;
     let (run, ()) = tokio::join!(
-        relay.batches_in_flight(relid, &never, &mut progress),
+        relay.batches_in_flight(relid, &never, None, &mut progress),
         committer
     );
     assert!(batches >= 60, "one run of batches: {batches}");

@@ -163,6 +163,11 @@ pub struct RelayConfig {
     /// them at once. This is the replay window: inbox retention must be longer.
     #[serde(default)]
     pub archive_retention_hours: u64,
+    /// Several relay daemons on this outbox: one is active, the others stand by and take over
+    /// (see README "Scaling"). `false` makes every daemon drain at once (needed behind a pooler
+    /// in transaction mode, where a session lock does not stay with its session).
+    #[serde(default = "defaults::yes")]
+    pub standby: bool,
 }
 
 /// The `handler` key of a consumer.
@@ -400,6 +405,9 @@ pub mod defaults {
     }
     pub fn http_listen() -> String {
         "127.0.0.1:9464".into()
+    }
+    pub fn yes() -> bool {
+        true
     }
     pub fn shutdown_timeout_ms() -> u64 {
         30_000

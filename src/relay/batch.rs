@@ -110,6 +110,10 @@ impl Relay {
                 .clamp(256, 64 * 1024),
         )
         .unwrap_or(64 * 1024);
+        // Claims and checks start after the resume point (see resume.rs): rows at or below it
+        // are all gone, and walking their index entries is what made long drains slow.
+        let floor = self.resume_point().floor();
+        let lower_bound = lower_bound.max(floor);
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
             [&relid, &limit, &lower_bound, &inline_bytes];
         let (begun, rows) = crate::db::bounded(bound, &ctx_claim, async {
@@ -127,6 +131,14 @@ impl Relay {
         };
         // the claim is in id order: its last row has the highest id
         let last_id = rows.last().map_or(0, |r| r.get::<_, i64>(0));
+        if let Some(first) = rows.first() {
+            let holders: Option<Vec<String>> = first.get(9);
+            self.resume_point().claimed(
+                first.get(0),
+                last_id,
+                holders.as_deref().unwrap_or_default(),
+            );
+        }
         // The payload column read once (a text column is checked for UTF-8 on every read):
         // NULL for a large payload the claim left out.
         let inline: Vec<Option<&str>> = rows.iter().map(|r| r.get(4)).collect();
@@ -181,8 +193,10 @@ impl Relay {
         }
         let ids: Vec<i64> = claimed_rows.iter().map(|r| r.id).collect();
         let aggregates: Vec<&str> = claimed_rows.iter().map(|r| r.aggregate_id).collect();
-        let (publishable, whole_head) =
-            self.check_heads(client, &ids, &aggregates, last_id).await?;
+        let horizon = self.resume_point().safe_horizon();
+        let (publishable, whole_head) = self
+            .check_heads(client, &ids, &aggregates, last_id, floor)
+            .await?;
 
         let mut conn = self.redis.commands();
         let mut unknown_keys: Vec<&str> = prepared
@@ -282,6 +296,10 @@ impl Relay {
             tx.commit().await.map_err(Error::pg(ctx.clone()))
         })
         .await?;
+        let whole_head = whole_head && outcome.failed == 0 && !deferred.contains(&true);
+        if whole_head {
+            self.resume_point().settled(horizon, last_id);
+        }
         let _ = done.send(());
         outcome.published = published;
         self.remember_streams(&entries);
@@ -290,7 +308,7 @@ impl Relay {
         // claim must not start after them.
         Ok(Finished {
             outcome,
-            whole_head: whole_head && outcome.failed == 0 && !deferred.contains(&true),
+            whole_head,
         })
     }
 
@@ -407,13 +425,15 @@ impl Relay {
     /// Which claimed rows are at the head of their aggregate (`publishable[i]` for `ids[i]`),
     /// and whether the batch is the whole head of the table (no row at or below `last_id`
     /// outside it). Both checks run in statements of their own, so with snapshots taken after
-    /// the claim's read of pg_locks (see claim.rs).
+    /// the claim's read of pg_locks (see claim.rs), and look only above `floor` (the resume
+    /// point the claim started from: no row at or below it).
     async fn check_heads(
         &self,
         client: &deadpool_postgres::Object,
         ids: &[i64],
         aggregates: &[&str],
         last_id: i64,
+        floor: i64,
     ) -> Result<(Vec<bool>, bool)> {
         let bound = self.pg.query_timeout;
         let ctx_head = self.ctx("head-of-table check");
@@ -423,7 +443,7 @@ impl Relay {
                 .await
                 .map_err(Error::pg(ctx_head.clone()))?;
             client
-                .query_one(&up_to, &[&last_id])
+                .query_one(&up_to, &[&last_id, &floor])
                 .await
                 .map_err(Error::pg(ctx_head.clone()))
         })
@@ -441,7 +461,7 @@ impl Relay {
                     .await
                     .map_err(Error::pg(ctx.clone()))?;
                 client
-                    .query(&before, &[&last_id])
+                    .query(&before, &[&last_id, &floor])
                     .await
                     .map_err(Error::pg(ctx.clone()))
             })
@@ -456,7 +476,7 @@ impl Relay {
                     .await
                     .map_err(Error::pg(ctx.clone()))?;
                 client
-                    .query(&head, &[&ids, &aggregates])
+                    .query(&head, &[&ids, &aggregates, &floor])
                     .await
                     .map_err(Error::pg(ctx.clone()))
             })

@@ -15,11 +15,13 @@
 //!   but the batch's own, the batch is the head of the whole table and every row of it is
 //!   publishable (the usual case of a single relay draining a backlog); if it holds only a
 //!   few more (other relays' batches), those few are read and the check is done in the relay.
+//! * Both start after the resume point (resume.rs: no row at or below it exists or can still
+//!   appear), which the claim's lock read, returned as its last column, helps prove.
 
 /// Advisory locks on this outbox held by other sessions: `objsubid = 2` per aggregate
 /// (classid = table oid, objid = hashtext(aggregate_id)), `objsubid = 1` the table-wide key.
 const HELD: &str = "held AS MATERIALIZED (
-    SELECT l.objsubid, l.objid, l.pid
+    SELECT l.objsubid, l.objid, l.pid, l.virtualtransaction AS vxid
     FROM pg_catalog.pg_locks l
     WHERE l.locktype = 'advisory'
       AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname = current_database())
@@ -39,17 +41,19 @@ pub struct Statements {
     /// $1 table oid, $2 batch size, $3 lower bound (exclusive) of the ids claimed, $4 the
     /// largest payload (stored bytes) that comes with the claim: a larger or compressed one
     /// comes back NULL, with its stored size, and is read by `payload` if the batch's byte
-    /// budget has room for it.
+    /// budget has room for it. The last column: the virtual transaction IDs holding this
+    /// table's producer locks at the claim's lock read (NULL for none), for the resume point.
     pub claim: String,
     /// $1 ctid (text) of a claimed row -> its payload as text.
     pub payload: String,
-    /// $1 last claimed id -> rows with an id up to it. When that equals the batch size the
-    /// batch is exactly the head of the table and every claimed row is publishable.
+    /// $1 last claimed id, $2 the resume point (no row at or below it) -> rows with an id
+    /// in between. When that equals the batch size the batch is exactly the head of the table
+    /// and every claimed row is publishable.
     pub rows_up_to: String,
-    /// $1 last claimed id -> (id, aggregate_id) of every row up to it, for a batch with few
+    /// $1 last claimed id, $2 the resume point -> (id, aggregate_id) of every row in between, for a batch with few
     /// rows outside it before its end (the head-of-aggregate check done in the relay).
     pub rows_before: String,
-    /// $1 ids, $2 aggregate ids (claimed, in id order) -> publishable ids.
+    /// $1 ids, $2 aggregate ids (claimed, in id order), $3 the resume point -> publishable ids.
     pub head_of_aggregate: String,
     /// $1 ctids (text) of rows this transaction has locked.
     pub delete: String,
@@ -93,7 +97,8 @@ SELECT o.id, o.event_id, o.topic, o.aggregate_id,
              AND pg_catalog.pg_column_compression(o.payload) IS NULL
             THEN o.payload::text END,
        o.headers->>'traceparent', o.created_at, o.ctid::text,
-       pg_catalog.pg_column_size(o.payload)
+       pg_catalog.pg_column_size(o.payload),
+       (SELECT array_agg(DISTINCT h.vxid) FROM held h)
 FROM {quoted} o
 WHERE o.id > $3
   AND o.quarantined_at IS NULL
@@ -109,8 +114,10 @@ LIMIT $2
 FOR UPDATE OF o SKIP LOCKED"
             ),
             payload: format!("SELECT payload::text FROM {quoted} WHERE ctid = $1::text::tid"),
-            rows_up_to: format!("SELECT count(*) FROM {quoted} WHERE id <= $1"),
-            rows_before: format!("SELECT id, aggregate_id FROM {quoted} WHERE id <= $1"),
+            rows_up_to: format!("SELECT count(*) FROM {quoted} WHERE id > $2 AND id <= $1"),
+            rows_before: format!(
+                "SELECT id, aggregate_id FROM {quoted} WHERE id > $2 AND id <= $1"
+            ),
             head_of_aggregate: format!(
                 "WITH b AS (
     SELECT c.id, c.agg, row_number() OVER (PARTITION BY c.agg ORDER BY c.id) AS rn
@@ -120,7 +127,7 @@ FOR UPDATE OF o SKIP LOCKED"
 ), t AS (
     SELECT o.aggregate_id AS agg, o.id,
            row_number() OVER (PARTITION BY o.aggregate_id ORDER BY o.id) AS rn
-    FROM m JOIN {quoted} o ON o.aggregate_id = m.agg AND o.id <= m.last_id
+    FROM m JOIN {quoted} o ON o.aggregate_id = m.agg AND o.id > $3 AND o.id <= m.last_id
 )
 SELECT b.id FROM b JOIN t ON t.agg = b.agg AND t.rn = b.rn AND t.id = b.id"
             ),

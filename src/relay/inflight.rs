@@ -5,6 +5,7 @@
 use super::{BatchOutcome, Claimed, Finished, Relay};
 use crate::error::{Error, Result};
 use futures_util::StreamExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
@@ -38,12 +39,14 @@ impl Relay {
     /// the commit they are gone and the check's fast path applies.
     ///
     /// Stops launching batches when a claim comes back short, when a batch publishes nothing
-    /// of what it claimed (other relays hold the heads; no point spinning), on an error, or on
-    /// shutdown, and returns once the batches in flight have finished.
+    /// of what it claimed (other relays hold the heads; no point spinning), on an error, on
+    /// shutdown, or when `still_active` (the active lock's connection, see active.rs) goes
+    /// false, and returns once the batches in flight have finished.
     pub async fn batches_in_flight(
         &self,
         relid: u32,
         shutdown: &CancellationToken,
+        still_active: Option<&AtomicBool>,
         progress: &mut (dyn FnMut(&BatchOutcome) + Send),
     ) -> InFlightRun {
         const IN_FLIGHT: usize = 2;
@@ -85,7 +88,9 @@ impl Relay {
         loop {
             let room = in_flight.is_empty()
                 || (whole_head && !claimed_heavy && in_flight.len() < IN_FLIGHT);
-            if launch && room && !shutdown.is_cancelled() {
+            // a relay that lost its active lock finishes the batches in flight, starts no more
+            let active = still_active.is_none_or(|a| a.load(Ordering::Acquire));
+            if launch && room && active && !shutdown.is_cancelled() {
                 let lower_bound = if in_flight.is_empty() {
                     0
                 } else {

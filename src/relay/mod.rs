@@ -1,23 +1,27 @@
 //! The relay: outbox rows -> Redis Streams. One `Relay` per configured outbox table; this
 //! module holds it, its startup checks, the daemon loop (`run`) and the `--once` drain
 //! (`drain`). The rooms:
+//! - `active`: which of several relay daemons on one outbox drains it (the others stand by);
 //! - `batch`: one batch, claim to commit, step by step;
 //! - `inflight`: two batches in flight;
 //! - `claim`: the SQL of every step, rendered once per table;
 //! - `publish`: the `XADD` scripts, one per stream key;
 //! - `listen`: the LISTEN connection that wakes the loop;
-//! - `inspect`: backlog and held-back rows for `status` and the gauges.
+//! - `inspect`: backlog and held-back rows for `status` and the gauges;
+//! - `resume`: the resume point claims start after, so that long drains stay fast.
 //!
 //! A crash anywhere before a batch's commit leaves its rows in place to be published again
 //! (duplicates on the stream are harmless to inbox consumers); nothing is deleted before
 //! Redis accepted it.
 
+pub mod active;
 mod batch;
 pub mod claim;
 mod inflight;
 mod inspect;
 mod listen;
 pub mod publish;
+mod resume;
 
 use batch::{Claimed, Finished};
 pub use inflight::InFlightRun;
@@ -67,6 +71,9 @@ pub struct Relay {
     known_streams: Mutex<HashSet<String>>,
     /// `relay --once`: how long a server may stay away or silent before the drain gives up.
     give_up_after: Duration,
+    /// Where claims start (see resume.rs). Shared by the batches in flight; never held
+    /// across an await.
+    resume: Mutex<resume::ResumePoint>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -101,7 +108,16 @@ impl Relay {
             relid: None,
             known_streams: Mutex::new(HashSet::new()),
             give_up_after: Duration::from_secs(60),
+            resume: Mutex::new(resume::ResumePoint::new()),
         }
+    }
+
+    fn resume_point(&self) -> std::sync::MutexGuard<'_, resume::ResumePoint> {
+        // the state is a few integers, always left consistent: a panic elsewhere while it
+        // was held does not spoil it
+        self.resume
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub fn name(&self) -> String {
@@ -241,6 +257,7 @@ impl Relay {
         let mut backoff = Backoff::new();
         let mut last_prune: Option<Instant> = None;
         let watch = crate::watchdog::register(&format!("relay {}", self.name()));
+        let mut leadership: Option<active::Leadership> = None;
         tracing::info!(relay = %self.name(), "relay started");
         let result = loop {
             if shutdown.is_cancelled() {
@@ -263,8 +280,23 @@ impl Relay {
             watch.busy();
             let run = match self.relid().await {
                 Ok(relid) => {
-                    self.batches_in_flight(relid, &shutdown, &mut |_| watch.beat())
-                        .await
+                    let leader = leadership.get_or_insert_with(|| {
+                        active::Leadership::new(self.pg.clone(), &self.database, &self.table, relid)
+                    });
+                    if self.config.standby && !leader.active().await {
+                        // standing by: an idle round, as far as the watchdog is concerned
+                        watch.done();
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break Ok(()),
+                            _ = tokio::time::sleep(active::STANDBY_RETRY) => {}
+                        }
+                        continue;
+                    }
+                    let still_active = leader.still_active().filter(|_| self.config.standby);
+                    self.batches_in_flight(relid, &shutdown, still_active.as_deref(), &mut |_| {
+                        watch.beat()
+                    })
+                    .await
                 }
                 Err(e) => InFlightRun {
                     error: Some(e),
@@ -312,6 +344,9 @@ impl Relay {
             }
         };
         listener.abort();
+        if let Some(mut leader) = leadership {
+            leader.release();
+        }
         tracing::info!(relay = %self.name(), "relay stopped");
         result
     }
@@ -338,7 +373,7 @@ impl Relay {
             let round_started = Instant::now();
             let run = match self.relid().await {
                 Ok(relid) => {
-                    self.batches_in_flight(relid, shutdown, &mut |o| {
+                    self.batches_in_flight(relid, shutdown, None, &mut |o| {
                         published += o.published as u64;
                         progress(published);
                     })
