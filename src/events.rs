@@ -65,6 +65,10 @@ pub fn consumer_started(consumer: &str, stream_keys: &[String], moves_orders: bo
     }
     for key in stream_keys {
         m.dead_letters.with_label_values(&[consumer, key]);
+        // 0 until the first refresh of the gauges (within 5 s), so that the alert rules find
+        // the series from the first scrape
+        m.consumer_lag.with_label_values(&[consumer, key]);
+        m.consumer_pending.with_label_values(&[consumer, key]);
     }
     m.order_skips.with_label_values(&[crate::handlers::EXPIRED]);
     if moves_orders {
