@@ -28,10 +28,17 @@
 //! BENCH_ONLY=scale measures instead what each added instance brings: the same relay drain
 //! and consume run by 1, 2 and 4 processes at once (`relay --once` / `consume --once`, all
 //! started together; rate = work / wall time until the last one exits), one JSON line.
+//!
+//! BENCH_ONLY=growth measures the relay on big backlogs (see `pipeline/growth.rs`): drains of
+//! 100,000 and 1,000,000 rows (10,000,000 with BENCH_GROWTH_10M=1; BENCH_GROWTH_ROWS scales
+//! all three) with the rates of their first and last tenths, the limit at 100,000 rows, and 1,
+//! 2 and 4 relay daemons on one outbox.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "pipeline/consume.rs"]
 mod consume;
+#[path = "pipeline/growth.rs"]
+mod growth;
 
 use consume::Event;
 use std::process::{Command, Stdio};
@@ -151,30 +158,34 @@ listen = ""
         )
     }
 
-    /// Runs outboxd, sampling its peak RSS (VmHWM) until it exits.
-    fn outboxd_with_rss(&self, args: &[&str]) -> (String, f64) {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_outboxd"))
+    /// `outboxd <args>` started in the background (stdout piped or not, stderr inherited).
+    fn spawn(&self, args: &[&str], stdout: Stdio) -> std::process::Child {
+        Command::new(env!("CARGO_BIN_EXE_outboxd"))
             .arg("--config")
             .arg(&self.config)
             .args(args)
             .env("OUTBOXD_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stdout(stdout)
             .spawn()
+            .unwrap()
+    }
+
+    /// Drops the bench's database and streams.
+    async fn drop_all(&self) {
+        self.clear_streams().await;
+        let admin = connect(&pg_admin()).await;
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db))
+            .await
             .unwrap();
-        let status_path = format!("/proc/{}/status", child.id());
+    }
+
+    /// Runs outboxd, sampling its peak RSS (VmHWM) until it exits.
+    fn outboxd_with_rss(&self, args: &[&str]) -> (String, f64) {
+        let mut child = self.spawn(args, Stdio::piped());
         let mut peak_kb = 0u64;
         loop {
-            if let Ok(text) = std::fs::read_to_string(&status_path) {
-                if let Some(line) = text.lines().find(|l| l.starts_with("VmHWM:")) {
-                    let kb: u64 = line
-                        .split_whitespace()
-                        .nth(1)
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(0);
-                    peak_kb = peak_kb.max(kb);
-                }
-            }
+            peak_kb = peak_kb.max(peak_rss_kb(child.id()));
             if child.try_wait().unwrap().is_some() {
                 break;
             }
@@ -241,6 +252,19 @@ listen = ""
         }
         client.batch_execute("VACUUM ANALYZE outbox").await.unwrap();
     }
+}
+
+/// A process's peak resident set so far (VmHWM), in KiB; 0 once it is gone.
+fn peak_rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 fn summary_rate(line: &str) -> f64 {
@@ -552,14 +576,7 @@ async fn latency_run(b: &Bench, seconds: u64, rate: u64) -> (f64, f64, f64) {
         .unwrap();
     client.batch_execute("VACUUM ANALYZE orders").await.unwrap();
     b.clear_streams().await;
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_outboxd"))
-        .arg("--config")
-        .arg(&b.config)
-        .arg("run")
-        .env("OUTBOXD_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut daemon = b.spawn(&["run"], Stdio::null());
     tokio::time::sleep(Duration::from_millis(1500)).await;
     // two producers, each committing every other event at half the rate
     let started = Instant::now();
@@ -675,18 +692,7 @@ async fn latency_run(b: &Bench, seconds: u64, rate: u64) -> (f64, f64, f64) {
 /// N processes of `outboxd <args>` at once; seconds until the last one exits.
 fn processes_at_once(b: &Bench, n: usize, args: &[&str]) -> f64 {
     let started = Instant::now();
-    let children: Vec<_> = (0..n)
-        .map(|_| {
-            Command::new(env!("CARGO_BIN_EXE_outboxd"))
-                .arg("--config")
-                .arg(&b.config)
-                .args(args)
-                .env("OUTBOXD_LOG", "warn")
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let children: Vec<_> = (0..n).map(|_| b.spawn(args, Stdio::null())).collect();
     for mut c in children {
         assert!(c.wait().unwrap().success(), "outboxd {args:?} failed");
     }
@@ -727,6 +733,77 @@ async fn scale_run(b: &Bench, rows: i64, orders: u64, events: u64) -> serde_json
     serde_json::json!({"relay_events_per_sec_by_processes": relay, "consume_events_per_sec_by_processes": consume, "relay_rows": rows, "consume_events": events})
 }
 
+/// `BENCH_ONLY=growth` (see growth.rs): medians of `runs` runs, one JSON object.
+async fn growth_run(b: &Bench, runs: u64, relay_rows: i64) -> serde_json::Value {
+    // BENCH_GROWTH_ROWS scales the sizes (the test suite's tiny run)
+    let base = env_num("BENCH_GROWTH_ROWS", 100_000) as i64;
+    let all_sizes = [base, base * 10, base * 100];
+    let mut sizes = all_sizes[..2].to_vec();
+    let ten_million = std::env::var("BENCH_GROWTH_10M").is_ok_and(|v| v == "1");
+    let mut by_size: Vec<Vec<growth::Drain>> = vec![vec![], vec![], vec![]];
+    let (mut limit, mut by_relays) = (vec![], [vec![], vec![], vec![]]);
+    for run in 0..runs {
+        eprintln!("growth run {}", run + 1);
+        if ten_million && run == 0 {
+            sizes.push(all_sizes[2]);
+        } else {
+            sizes.truncate(2);
+        }
+        for (i, rows) in sizes.iter().enumerate() {
+            by_size[i].push(growth::drain(b, *rows).await);
+        }
+        limit.push(relay_limit_run(b, base).await);
+        for (i, n) in [1usize, 2, 4].into_iter().enumerate() {
+            by_relays[i].push(growth::drain_by(b, relay_rows, n).await);
+        }
+    }
+    let round2 = |x: f64| (x * 100.0).round() / 100.0;
+    let med = |v: Vec<f64>| median(&mut v.clone());
+    let mut drains = serde_json::Map::new();
+    let mut rates = vec![];
+    for (i, rows) in all_sizes.iter().enumerate() {
+        let d = &by_size[i];
+        if d.is_empty() {
+            rates.push(0.0);
+            continue;
+        }
+        let rate = med(d.iter().map(|x| x.rate).collect());
+        let (first, last) = (
+            med(d.iter().map(|x| x.first_tenth).collect()),
+            med(d.iter().map(|x| x.last_tenth).collect()),
+        );
+        rates.push(rate);
+        drains.insert(
+            rows.to_string(),
+            serde_json::json!({
+                "rows_per_sec": rate.round(),
+                "first_tenth_rows_per_sec": first.round(),
+                "last_tenth_rows_per_sec": last.round(),
+                "last_tenth_to_first": round2(med(d.iter().map(|x| x.last_tenth / x.first_tenth).collect())),
+                "peak_rss_mb": round2(med(d.iter().map(|x| x.rss_mb).collect())),
+                "spread": round2(spread(&d.iter().map(|x| x.rate).collect::<Vec<_>>())),
+                "runs": d.len(),
+            }),
+        );
+    }
+    let ratio = |a: f64, b: f64| if b > 0.0 { round2(a / b) } else { 0.0 };
+    let relays = by_relays.clone().map(med);
+    serde_json::json!({
+        "drains": drains,
+        "base_rows": base,
+        "ratio_10x_to_base": ratio(rates[1], rates[0]),
+        "ratio_100x_to_base": ratio(rates[2], rates[0]),
+        "limit_base_rows_per_sec": med(limit.clone()).round(),
+        "ratio_relay_to_limit_base": ratio(rates[0], med(limit.clone())),
+        "relays_rows": relay_rows,
+        "relays_rows_per_sec": {"1": relays[0].round(), "2": relays[1].round(), "4": relays[2].round()},
+        "ratio_2_relays_to_1": ratio(relays[1], relays[0]),
+        "ratio_4_relays_to_1": ratio(relays[2], relays[0]),
+        "relays_spread": by_relays.iter().map(|v| round2(spread(v))).collect::<Vec<_>>(),
+        "runs": runs,
+    })
+}
+
 #[tokio::main]
 async fn main() {
     let relay_rows = env_num("BENCH_RELAY_ROWS", 200_000) as i64;
@@ -739,13 +816,13 @@ async fn main() {
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     if only == "scale" {
         let result = scale_run(&b, relay_rows, orders, events).await;
-        b.clear_streams().await;
-        let admin = connect(&pg_admin()).await;
-        admin
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", b.db))
-            .await
-            .unwrap();
+        b.drop_all().await;
         println!("{result}");
+        return;
+    }
+    if only == "growth" {
+        println!("{}", growth_run(&b, runs, relay_rows).await);
+        b.drop_all().await;
         return;
     }
     let latency_seconds = env_num("BENCH_LATENCY_SECONDS", 20);
@@ -787,12 +864,7 @@ async fn main() {
             v.push(0.0);
         }
     }
-    b.clear_streams().await;
-    let admin = connect(&pg_admin()).await;
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", b.db))
-        .await
-        .unwrap();
+    b.drop_all().await;
     let _ = std::fs::remove_file(&b.config);
     let _ = std::fs::remove_file(&b.config_wide);
     let (r, rl, m) = (
