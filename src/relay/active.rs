@@ -91,6 +91,10 @@ impl Leadership {
             tracing::warn!(relay = %self.relay, "lost the relay's active lock (its connection failed); trying for it again");
             self.release();
             self.was_active = None;
+            crate::metrics::metrics()
+                .relay_active
+                .with_label_values(&[&self.database, &self.table])
+                .set(0);
         }
         if Instant::now() < self.next_try {
             return false;
