@@ -45,6 +45,13 @@ pub fn relay_started(database: &str, table: &str) {
     }
     m.relay_quarantined.with_label_values(&[database, table]);
     m.relay_active.with_label_values(&[database, table]);
+    // 0 until the first refresh (within 5 s) or the loop's first round: the alert rules find
+    // every series they use from the first scrape on
+    m.outbox_backlog_rows.with_label_values(&[database, table]);
+    m.outbox_oldest_age_seconds
+        .with_label_values(&[database, table]);
+    m.loop_progress_age_seconds
+        .with_label_values(&[&format!("relay {database}.{table}")]);
 }
 
 /// A consumer starts: its counters at 0 (as [`relay_started`]), for its stream keys, and
@@ -70,6 +77,8 @@ pub fn consumer_started(consumer: &str, stream_keys: &[String], moves_orders: bo
         m.consumer_lag.with_label_values(&[consumer, key]);
         m.consumer_pending.with_label_values(&[consumer, key]);
     }
+    m.loop_progress_age_seconds
+        .with_label_values(&[&format!("consumer {consumer}")]);
     m.order_skips.with_label_values(&[crate::handlers::EXPIRED]);
     if moves_orders {
         for code in crate::handlers::skip_codes() {
