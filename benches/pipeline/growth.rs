@@ -1,9 +1,10 @@
 //! The relay on big backlogs (`BENCH_ONLY=growth`): the same `relay --once` drain over
 //! 100,000 and 1,000,000 rows (and 10,000,000 with BENCH_GROWTH_10M=1; it takes minutes),
 //! each with the rate of its first and its last tenth, read from the stream's
-//! `entries-added` counter sampled while it runs (Redis 7+; the stream is trimmed meanwhile
-//! so that a 10M drain does not hold gigabytes in Redis), and its peak RSS. Then the same
-//! drain by 1, 2 and 4 relay daemons started together.
+//! `entries-added` counter sampled while it runs (Redis 7+; the stream is then trimmed
+//! meanwhile, so that a 10M drain does not hold gigabytes in Redis; before 7 its length,
+//! untrimmed), and its peak RSS. Then the same drain by 1, 2 and 4 relay daemons started
+//! together.
 
 use super::{connect, Bench, TOPIC};
 use std::process::{Command, Stdio};
@@ -19,17 +20,28 @@ pub struct Drain {
     pub rss_mb: f64,
 }
 
-async fn entries_added(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> i64 {
+/// Entries ever added to the stream, and whether that is Redis 7's `entries-added` counter
+/// (else it is the stream's length, and the stream must not be trimmed meanwhile); 0 while
+/// the stream does not exist.
+async fn stream_count(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> (i64, bool) {
     let info: redis::RedisResult<std::collections::HashMap<String, redis::Value>> =
         redis::cmd("XINFO")
             .arg("STREAM")
             .arg(key)
             .query_async(conn)
             .await;
-    match info.ok().and_then(|m| m.get("entries-added").cloned()) {
-        Some(redis::Value::Int(n)) => n,
-        _ => 0,
+    let Ok(info) = info else {
+        return (0, true);
+    };
+    match (info.get("entries-added"), info.get("length")) {
+        (Some(redis::Value::Int(n)), _) => (*n, true),
+        (None, Some(redis::Value::Int(n))) => (*n, false),
+        _ => (0, true),
     }
+}
+
+async fn entries_added(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> i64 {
+    stream_count(conn, key).await.0
 }
 
 /// When the sampled counter first reached `target` (linear between samples).
@@ -55,9 +67,9 @@ pub async fn drain(b: &Bench, rows: i64) -> Drain {
     let mut peak_kb = 0u64;
     loop {
         peak_kb = peak_kb.max(super::peak_rss_kb(child.id()));
-        let added = entries_added(&mut conn, &key).await;
+        let (added, counter) = stream_count(&mut conn, &key).await;
         samples.push((started.elapsed().as_secs_f64(), added));
-        if added > 200_000 {
+        if counter && added > 200_000 {
             let _: redis::RedisResult<i64> = redis::cmd("XTRIM")
                 .arg(&key)
                 .arg("MAXLEN")
