@@ -334,12 +334,45 @@ async fn a_frozen_active_relay_loses_its_lock_and_a_standby_drains() {
     let client = db.client().await;
     let dir = cfg.parent().unwrap().to_path_buf();
     let logs: Vec<_> = (0..2).map(|i| dir.join(format!("relay{i}.log"))).collect();
-    let mut relays: Vec<Child> = logs.iter().map(|l| relay(&cfg, l)).collect();
+    let ports = [free_port(), free_port()];
+    let mut relays: Vec<Child> = logs
+        .iter()
+        .zip(ports)
+        .map(|(log, port)| {
+            spawn_bin(
+                &[
+                    "--config",
+                    cfg.to_str().unwrap(),
+                    "--http-listen",
+                    &format!("127.0.0.1:{port}"),
+                    "relay",
+                ],
+                log,
+            )
+        })
+        .collect();
     wait_until("one relay active", Duration::from_secs(30), || async {
         active_ones(&logs).len() == 1
     })
     .await;
     let frozen = active_ones(&logs)[0];
+    // the gauge says the same as the logs: 1 in the active process, 0 in the standby
+    for (i, port) in ports.iter().enumerate() {
+        let expected = if i == frozen { "1" } else { "0" };
+        let series =
+            format!("outboxd_relay_active{{database=\"main\",table=\"outbox\"}} {expected}\n");
+        wait_until(
+            &format!("relay {i} exports {series}"),
+            Duration::from_secs(30),
+            || async {
+                tokio::net::TcpStream::connect(("127.0.0.1", *port))
+                    .await
+                    .is_ok()
+                    && http_get(*port, "/metrics").await.contains(&series)
+            },
+        )
+        .await;
+    }
     signal(&relays[frozen], "STOP");
     let stopped = Instant::now();
     insert_with_gaps(&client, 0, 5000, 100).await;
