@@ -689,6 +689,16 @@ async fn latency_run(b: &Bench, seconds: u64, rate: u64) -> (f64, f64, f64) {
     )
 }
 
+/// Panics unless the outbox is empty.
+async fn assert_drained(client: &tokio_postgres::Client) {
+    let left: i64 = client
+        .query_one("SELECT count(*) FROM outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "outbox drained");
+}
+
 /// N processes of `outboxd <args>` at once; seconds until the last one exits.
 fn processes_at_once(b: &Bench, n: usize, args: &[&str]) -> f64 {
     let started = Instant::now();
@@ -708,12 +718,7 @@ async fn scale_run(b: &Bench, rows: i64, orders: u64, events: u64) -> serde_json
         b.fill_outbox(&client, rows, 20_000.min(rows.max(1))).await;
         b.clear_streams().await;
         let secs = processes_at_once(b, n, &["relay", "--once"]);
-        let left: i64 = client
-            .query_one("SELECT count(*) FROM outbox", &[])
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(left, 0, "outbox drained");
+        assert_drained(&client).await;
         let rate = (rows as f64 / secs).round();
         eprintln!("  {n} relay process(es): {rows} rows in {secs:.2} s ({rate} rows/s)");
         relay.insert(n.to_string(), rate.into());

@@ -51,7 +51,7 @@ pub fn relay_started(database: &str, table: &str) {
     m.outbox_oldest_age_seconds
         .with_label_values(&[database, table]);
     m.loop_progress_age_seconds
-        .with_label_values(&[&format!("relay {database}.{table}")]);
+        .with_label_values(&[&crate::watchdog::relay_loop(database, table)]);
 }
 
 /// A consumer starts: its counters at 0 (as [`relay_started`]), for its stream keys, and
@@ -78,7 +78,7 @@ pub fn consumer_started(consumer: &str, stream_keys: &[String], moves_orders: bo
         m.consumer_pending.with_label_values(&[consumer, key]);
     }
     m.loop_progress_age_seconds
-        .with_label_values(&[&format!("consumer {consumer}")]);
+        .with_label_values(&[&crate::watchdog::consumer_loop(consumer)]);
     m.order_skips.with_label_values(&[crate::handlers::EXPIRED]);
     if moves_orders {
         for code in crate::handlers::skip_codes() {

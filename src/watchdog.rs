@@ -84,7 +84,17 @@ pub fn set_stuck_after(bound: Duration) {
     }
 }
 
-/// Registers a loop under `name` (e.g. `relay fulfillment.outbox`).
+/// The watchdog's name of the relay loop of `database`'s `table` (its label in the metrics).
+pub fn relay_loop(database: &str, table: &str) -> String {
+    format!("relay {database}.{table}")
+}
+
+/// The watchdog's name of a consumer's loop.
+pub fn consumer_loop(consumer: &str) -> String {
+    format!("consumer {consumer}")
+}
+
+/// Registers a loop under `name` (`relay_loop` or `consumer_loop`).
 pub fn register(name: &str) -> LoopWatch {
     let watch = LoopWatch {
         state: Arc::new(Mutex::new(State {

@@ -10,8 +10,8 @@ use super::{connect, Bench, TOPIC};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// One drain: rows, overall rate (the drain's own summary), first and last tenth rates (rows
-/// per second), peak RSS (MB).
+/// One drain: its overall rate (the drain's own summary), its first and last tenths' rates
+/// (rows per second), and peak RSS (MB).
 #[derive(Debug, Clone, Copy)]
 pub struct Drain {
     pub rate: f64,
@@ -143,12 +143,7 @@ pub async fn drain_by(b: &Bench, rows: i64, n: usize) -> f64 {
     for c in children.iter_mut() {
         assert!(c.wait().unwrap().success(), "relay daemon failed");
     }
-    let left: i64 = client
-        .query_one("SELECT count(*) FROM outbox", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(left, 0, "outbox drained");
+    super::assert_drained(&client).await;
     let rate = rows as f64 / secs;
     eprintln!("  {n} relay daemon(s): {rows} rows in {secs:.2} s ({rate:.0} rows/s)");
     rate

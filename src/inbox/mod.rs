@@ -205,7 +205,7 @@ JOIN {inbox} AS i ON i.consumer = $1 AND i.event_id = k.event_id"
         let claim_every = Duration::from_millis((self.config.claim_idle_ms / 2).max(50));
         let mut last_claim = Instant::now();
         let mut idle = Duration::ZERO;
-        let watch = crate::watchdog::register(&format!("consumer {}", self.config.name));
+        let watch = crate::watchdog::register(&crate::watchdog::consumer_loop(&self.config.name));
         tracing::info!(consumer = %self.config.name, instance = %self.instance, "consumer started");
         // The next batch is read and started while the last ones are applied.
         let mut batches = inflight::Batches::new();

@@ -50,18 +50,25 @@ pub(super) struct Leadership {
     database: String,
     table: String,
     relid: u32,
-    /// Set while the held lock's connection is alive; its task clears it when it is not.
-    held: Option<Arc<AtomicBool>>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    held: Option<Held>,
     next_try: Instant,
     /// Last answer, to log changes only.
     was_active: Option<bool>,
 }
 
+/// The lock while this relay holds it.
+#[derive(Debug)]
+struct Held {
+    /// True while the lock's connection is alive; cleared when it fails.
+    alive: Arc<AtomicBool>,
+    /// Owns the connection's client: aborting it closes the session, and the lock goes.
+    heartbeat: tokio::task::JoinHandle<()>,
+}
+
 /// The answer of one try for the lock.
 enum Tried {
-    Taken(Arc<AtomicBool>, tokio::task::JoinHandle<()>),
-    /// Another session holds it: (its backend pid, its application name, its address).
+    Taken(Held),
+    /// Another session holds it: its backend pid, and ", client <address>".
     HeldBy(i32, String),
     Failed(String),
 }
@@ -75,7 +82,6 @@ impl Leadership {
             table: table.to_string(),
             relid,
             held: None,
-            task: None,
             next_try: Instant::now(),
             was_active: None,
         }
@@ -84,26 +90,22 @@ impl Leadership {
     /// Whether this relay should drain now: it holds the lock (tried for again when due), or
     /// the lock connection cannot be made at all.
     pub(super) async fn active(&mut self) -> bool {
-        if let Some(flag) = &self.held {
-            if flag.load(Ordering::Acquire) {
+        if let Some(held) = &self.held {
+            if held.alive.load(Ordering::Acquire) {
                 return true;
             }
             tracing::warn!(relay = %self.relay, "lost the relay's active lock (its connection failed); trying for it again");
             self.release();
             self.was_active = None;
-            crate::metrics::metrics()
-                .relay_active
-                .with_label_values(&[&self.database, &self.table])
-                .set(0);
+            self.export(false);
         }
         if Instant::now() < self.next_try {
             return false;
         }
         self.next_try = Instant::now() + STANDBY_RETRY;
         let (active, message) = match self.try_take().await {
-            Tried::Taken(flag, task) => {
-                self.held = Some(flag);
-                self.task = Some(task);
+            Tried::Taken(held) => {
+                self.held = Some(held);
                 (
                     true,
                     "this relay is the active one for its outbox".to_string(),
@@ -124,11 +126,15 @@ impl Leadership {
             tracing::info!(relay = %self.relay, "{message}");
             self.was_active = Some(active);
         }
+        self.export(active);
+        active
+    }
+
+    fn export(&self, active: bool) {
         crate::metrics::metrics()
             .relay_active
             .with_label_values(&[&self.database, &self.table])
             .set(i64::from(active));
-        active
     }
 
     async fn try_take(&self) -> Tried {
@@ -205,7 +211,7 @@ impl Leadership {
                         }
                     })
                 };
-                Tried::Taken(alive, heartbeat)
+                Tried::Taken(Held { alive, heartbeat })
             }
             Ok(Some((pid, who))) => {
                 driver.abort();
@@ -220,15 +226,14 @@ impl Leadership {
 
     /// While the lock is held: the flag its connection clears when it fails.
     pub(super) fn still_active(&self) -> Option<Arc<AtomicBool>> {
-        self.held.clone()
+        self.held.as_ref().map(|h| h.alive.clone())
     }
 
     /// Lets the lock go (closes its connection).
-    pub(super) fn release(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
+    fn release(&mut self) {
+        if let Some(held) = self.held.take() {
+            held.heartbeat.abort();
         }
-        self.held = None;
     }
 }
 

@@ -50,8 +50,9 @@ pub struct Statements {
     /// in between. When that equals the batch size the batch is exactly the head of the table
     /// and every claimed row is publishable.
     pub rows_up_to: String,
-    /// $1 last claimed id, $2 the resume point -> (id, aggregate_id) of every row in between, for a batch with few
-    /// rows outside it before its end (the head-of-aggregate check done in the relay).
+    /// $1 last claimed id, $2 the resume point -> (id, aggregate_id) of every row in between,
+    /// for a batch with few rows outside it before its end (the head-of-aggregate check done
+    /// in the relay).
     pub rows_before: String,
     /// $1 ids, $2 aggregate ids (claimed, in id order), $3 the resume point -> publishable ids.
     pub head_of_aggregate: String,

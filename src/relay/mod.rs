@@ -256,7 +256,8 @@ impl Relay {
         let poll = Duration::from_millis(self.config.poll_interval_ms);
         let mut backoff = Backoff::new();
         let mut last_prune: Option<Instant> = None;
-        let watch = crate::watchdog::register(&format!("relay {}", self.name()));
+        let watch =
+            crate::watchdog::register(&crate::watchdog::relay_loop(&self.database, &self.table));
         let mut leadership: Option<active::Leadership> = None;
         tracing::info!(relay = %self.name(), "relay started");
         let result = loop {
@@ -280,19 +281,28 @@ impl Relay {
             watch.busy();
             let run = match self.relid().await {
                 Ok(relid) => {
-                    let leader = leadership.get_or_insert_with(|| {
-                        active::Leadership::new(self.pg.clone(), &self.database, &self.table, relid)
-                    });
-                    if self.config.standby && !leader.active().await {
-                        // standing by: an idle round, as far as the watchdog is concerned
-                        watch.done();
-                        tokio::select! {
-                            _ = shutdown.cancelled() => break Ok(()),
-                            _ = tokio::time::sleep(active::STANDBY_RETRY) => {}
+                    if self.config.standby {
+                        let leader = leadership.get_or_insert_with(|| {
+                            active::Leadership::new(
+                                self.pg.clone(),
+                                &self.database,
+                                &self.table,
+                                relid,
+                            )
+                        });
+                        if !leader.active().await {
+                            // standing by: an idle round, as far as the watchdog is concerned
+                            watch.done();
+                            tokio::select! {
+                                _ = shutdown.cancelled() => break Ok(()),
+                                _ = tokio::time::sleep(active::STANDBY_RETRY) => {}
+                            }
+                            continue;
                         }
-                        continue;
                     }
-                    let still_active = leader.still_active().filter(|_| self.config.standby);
+                    let still_active = leadership
+                        .as_ref()
+                        .and_then(active::Leadership::still_active);
                     self.batches_in_flight(relid, &shutdown, still_active.as_deref(), &mut |_| {
                         watch.beat()
                     })
@@ -344,9 +354,8 @@ impl Relay {
             }
         };
         listener.abort();
-        if let Some(mut leader) = leadership {
-            leader.release();
-        }
+        // the active lock goes with `leadership`, dropped here
+        drop(leadership);
         tracing::info!(relay = %self.name(), "relay stopped");
         result
     }
