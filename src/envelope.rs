@@ -99,9 +99,13 @@ pub struct Incoming {
     /// The event payload: CloudEvents `data` (the JSON a string or `data_base64` holds, when
     /// it holds JSON), or the plain JSON object itself.
     pub data: Value,
-    /// The CloudEvents envelope (built around plain JSON entries), as given to SQL handlers,
-    /// with `data` as above.
-    pub envelope: Value,
+    /// The CloudEvents envelope's attributes: every member but `data` (built for plain JSON
+    /// entries). Kept apart from `data` so that decoding copies no part of the event:
+    /// [`Incoming::envelope`] puts the two together for the handlers that want it whole.
+    pub attributes: serde_json::Map<String, Value>,
+    /// Whether the whole envelope has `data` (as above): not when there was none, nor when
+    /// `data_base64` held bytes that are not JSON (the envelope keeps `data_base64` then).
+    data_in_envelope: bool,
     /// Why `data` is not JSON, when the event carried text or bytes that are not: a handler
     /// that needs a JSON object says so instead of "no field ...".
     pub data_problem: Option<String>,
@@ -112,6 +116,16 @@ pub struct Incoming {
 }
 
 impl Incoming {
+    /// The CloudEvents envelope, as given to SQL handlers: the attributes and `data` as
+    /// above (the JSON a string or `data_base64` held, when it held JSON).
+    pub fn envelope(&self) -> Value {
+        let mut map = self.attributes.clone();
+        if self.data_in_envelope {
+            map.insert("data".into(), self.data.clone());
+        }
+        Value::Object(map)
+    }
+
     /// The trace ID of the event, empty when it carried no trace context.
     pub fn trace_id(&self) -> &str {
         self.traceparent
@@ -169,20 +183,22 @@ pub fn decode(data: Option<&[u8]>, topic: &str) -> Result<Incoming, DecodeError>
         .get("event_type")
         .and_then(Value::as_str)
         .map(str::to_string);
-    let data = Value::Object(map);
-    let envelope = serde_json::json!({
-        "specversion": "1.0",
-        "id": id,
-        "source": "outboxd/plain-json",
-        "type": topic,
-        "datacontenttype": "application/json",
-        "data": data,
-    });
+    let mut attributes = serde_json::Map::new();
+    for (name, value) in [
+        ("specversion", "1.0"),
+        ("id", id.as_str()),
+        ("source", "outboxd/plain-json"),
+        ("type", topic),
+        ("datacontenttype", "application/json"),
+    ] {
+        attributes.insert(name.into(), Value::String(value.into()));
+    }
     Ok(Incoming {
         event_id: id,
         event_type,
-        data,
-        envelope,
+        data: Value::Object(map),
+        attributes,
+        data_in_envelope: true,
         data_problem: None,
         traceparent: None,
         expiration: None,
@@ -212,53 +228,56 @@ fn decode_cloudevent(mut map: serde_json::Map<String, Value>) -> Result<Incoming
         .find(|tp| TraceParent::parse(tp).is_some())
         .map(str::to_string);
     let mut data_problem = None;
+    let mut data_in_envelope = true;
     // Dapr writes `data_base64` for binary content types, and `data` as a JSON string for
     // text ones (its default `text/plain`): a handler sees the JSON either holds.
-    let data = if let Some(encoded) = map.get("data_base64").filter(|_| !map.contains_key("data")) {
-        let encoded = encoded
-            .as_str()
-            .ok_or_else(|| DecodeError::BadBase64(format!("a {} value", json_type(encoded))))?;
-        let raw = decode_base64(encoded).map_err(DecodeError::BadBase64)?;
-        match serde_json::from_slice::<Value>(&raw) {
-            Ok(v) => {
-                map.remove("data_base64");
-                map.insert("data".into(), v.clone());
-                v
+    let data = match map.remove("data") {
+        None => match map.get("data_base64") {
+            Some(encoded) => {
+                let encoded = encoded.as_str().ok_or_else(|| {
+                    DecodeError::BadBase64(format!("a {} value", json_type(encoded)))
+                })?;
+                let raw = decode_base64(encoded).map_err(DecodeError::BadBase64)?;
+                match serde_json::from_slice::<Value>(&raw) {
+                    Ok(v) => {
+                        map.remove("data_base64");
+                        v
+                    }
+                    Err(_) => {
+                        data_problem = Some(format!(
+                            "data_base64 holds {} bytes of {content_type}, not JSON",
+                            raw.len()
+                        ));
+                        data_in_envelope = false;
+                        match String::from_utf8(raw) {
+                            Ok(s) => Value::String(s),
+                            Err(_) => Value::Null,
+                        }
+                    }
+                }
             }
+            None => {
+                data_in_envelope = false;
+                Value::Null
+            }
+        },
+        Some(Value::String(s)) => match serde_json::from_str::<Value>(&s) {
+            Ok(v) => v,
             Err(_) => {
                 data_problem = Some(format!(
-                    "data_base64 holds {} bytes of {content_type}, not JSON",
-                    raw.len()
+                    "data is a string of {content_type} that does not hold JSON"
                 ));
-                match String::from_utf8(raw) {
-                    Ok(s) => Value::String(s),
-                    Err(_) => Value::Null,
-                }
+                Value::String(s)
             }
-        }
-    } else {
-        match map.get("data") {
-            Some(Value::String(s)) => match serde_json::from_str::<Value>(s) {
-                Ok(v) => {
-                    map.insert("data".into(), v.clone());
-                    v
-                }
-                Err(_) => {
-                    data_problem = Some(format!(
-                        "data is a string of {content_type} that does not hold JSON"
-                    ));
-                    Value::String(s.clone())
-                }
-            },
-            Some(v) => v.clone(),
-            None => Value::Null,
-        }
+        },
+        Some(v) => v,
     };
     Ok(Incoming {
         event_id: id,
         event_type,
         data,
-        envelope: Value::Object(map),
+        attributes: map,
+        data_in_envelope,
         data_problem,
         traceparent,
         expiration,
@@ -435,8 +454,8 @@ mod tests {
     fn plain_json_with_event_id() {
         let e = decode(Some(br#"{"event_id":"e1","order_id":"o1"}"#), "t").expect("ok");
         assert_eq!(e.event_id, "e1");
-        assert_eq!(e.envelope["type"], "t");
-        assert_eq!(e.envelope["data"]["order_id"], "o1");
+        assert_eq!(e.envelope()["type"], "t");
+        assert_eq!(e.envelope()["data"]["order_id"], "o1");
     }
 
     #[test]
@@ -487,7 +506,8 @@ mod tests {
         let e = decode(Some(text), "t").expect("decodes");
         assert_eq!(e.data["order_id"], "o1");
         assert_eq!(
-            e.envelope["data"]["order_id"], "o1",
+            e.envelope()["data"]["order_id"],
+            "o1",
             "handlers see the JSON"
         );
         assert_eq!(e.data_problem, None);
@@ -495,8 +515,8 @@ mod tests {
         let b64 = br#"{"specversion":"1.0","id":"b","datacontenttype":"application/octet-stream","data_base64":"eyJvcmRlcl9pZCI6Im8yIn0="}"#;
         let e = decode(Some(b64), "t").expect("decodes");
         assert_eq!(e.data["order_id"], "o2");
-        assert_eq!(e.envelope["data"]["order_id"], "o2");
-        assert!(e.envelope.get("data_base64").is_none());
+        assert_eq!(e.envelope()["data"]["order_id"], "o2");
+        assert!(e.envelope().get("data_base64").is_none());
 
         let binary = br#"{"specversion":"1.0","id":"x","datacontenttype":"application/octet-stream","data_base64":"CCoS"}"#;
         let e = decode(Some(binary), "t").expect("decodes");
@@ -504,11 +524,19 @@ mod tests {
             e.data_problem.as_deref(),
             Some("data_base64 holds 3 bytes of application/octet-stream, not JSON")
         );
+        // the whole envelope keeps the bytes as they came, and has no `data`
+        assert_eq!(e.envelope()["data_base64"], "CCoS");
+        assert!(e.envelope().get("data").is_none());
+        let without = decode(Some(br#"{"specversion":"1.0","id":"n"}"#), "t").expect("decodes");
+        assert_eq!(without.data, Value::Null);
+        assert!(without.envelope().get("data").is_none());
         let words =
             br#"{"specversion":"1.0","id":"w","datacontenttype":"text/plain","data":"hello"}"#;
         let e = decode(Some(words), "t").expect("decodes");
         assert_eq!(e.data, Value::String("hello".into()));
         assert!(e.data_problem.is_some());
+        assert_eq!(e.envelope()["data"], "hello");
+        assert_eq!(e.envelope()["datacontenttype"], "text/plain");
 
         let bad = br#"{"specversion":"1.0","id":"x","data_base64":"**"}"#;
         assert!(matches!(
@@ -602,7 +630,7 @@ mod tests {
                 prop_assert_eq!(back.event_id, id);
                 // CloudEvents 1.0 forbids an empty subject: none is written then
                 let subject = if aggregate.is_empty() { None } else { Some(serde_json::Value::String(aggregate)) };
-                prop_assert_eq!(back.envelope.get("subject").cloned(), subject);
+                prop_assert_eq!(back.attributes.get("subject").cloned(), subject);
                 prop_assert_eq!(&back.data["n"], &serde_json::json!(n));
             }
         }

@@ -27,7 +27,7 @@ impl SqlFunctionHandler {
             .prepare_cached(&self.statement)
             .await
             .map_err(|e| HandleError::from_pg("preparing the sql handler", e))?;
-        tx.execute(&statement, &[&event.envelope])
+        tx.execute(&statement, &[&event.envelope()])
             .await
             .map_err(|e| HandleError::from_pg("sql handler function", e))?;
         Ok(Outcome::Applied { transition: None })

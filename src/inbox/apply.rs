@@ -795,7 +795,7 @@ impl Consumer {
         for w in &triage.work {
             if let Some(created) = w
                 .event
-                .envelope
+                .attributes
                 .get("time")
                 .and_then(|t| t.as_str())
                 .and_then(crate::envelope::parse_rfc3339)
@@ -850,14 +850,23 @@ impl From<SetError> for Error {
 fn expired_reason(event: &Incoming) -> String {
     format!(
         "expired (CloudEvents expiration {}) before it was applied",
-        event.envelope["expiration"]
+        event
+            .attributes
+            .get("expiration")
+            .unwrap_or(&serde_json::Value::Null)
     )
 }
 
 /// FNV-1a over the event data's JSON (keys sorted by serde_json's map), to notice the same
 /// event ID arriving with other data.
 fn data_hash(data: &serde_json::Value) -> i64 {
-    crate::fnv::fnv1a64(data.to_string().as_bytes()) as i64
+    // streamed into the hash: the same bytes as `data.to_string()`, without building them
+    let mut hasher = crate::fnv::Fnv1a64::new();
+    if serde_json::to_writer(&mut hasher, data).is_err() {
+        // a Value always serializes; a hash of nothing would still be a stable one
+        return crate::fnv::fnv1a64(b"") as i64;
+    }
+    hasher.finish() as i64
 }
 
 #[cfg(test)]
