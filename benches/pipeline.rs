@@ -348,7 +348,9 @@ async fn relay_limit_run(b: &Bench, rows: i64) -> f64 {
         for t in tasks {
             t.await.unwrap();
         }
-        best_pg = best_pg.max(rows as f64 / started.elapsed().as_secs_f64());
+        let rate = rows as f64 / started.elapsed().as_secs_f64();
+        eprintln!("  limit: PostgreSQL claim+delete, {sessions} session(s): {rate:.0} rows/s");
+        best_pg = best_pg.max(rate);
     }
     b.clear_streams().await;
     let mut conn = b.redis().await;
