@@ -793,13 +793,7 @@ impl Consumer {
             }
         }
         for w in &triage.work {
-            if let Some(created) = w
-                .event
-                .attributes
-                .get("time")
-                .and_then(|t| t.as_str())
-                .and_then(crate::envelope::parse_rfc3339)
-            {
+            if let Some(created) = w.event.created {
                 if let Ok(age) = committed_at.duration_since(created) {
                     m.end_to_end_seconds.observe(age.as_secs_f64());
                 }
@@ -850,10 +844,8 @@ impl From<SetError> for Error {
 fn expired_reason(event: &Incoming) -> String {
     format!(
         "expired (CloudEvents expiration {}) before it was applied",
-        event
-            .attributes
-            .get("expiration")
-            .unwrap_or(&serde_json::Value::Null)
+        // as JSON, the way the entry wrote it
+        serde_json::Value::from(event.expiration_text.as_deref())
     )
 }
 
