@@ -267,6 +267,53 @@ fn peak_rss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU seconds used so far by the PostgreSQL and Redis servers on this host (every process
+/// named `postgres`, with the backends that have exited counted in their parent's
+/// children's times, and every `redis-server`), read from /proc: printed beside a phase's
+/// rate as what the servers spent per event. Zero where /proc has no such processes.
+fn server_cpu_seconds() -> (f64, f64) {
+    // utime, stime, cutime, cstime are fields 14-17 of /proc/PID/stat, in clock ticks
+    // (100 per second on Linux); the fields after the ")" that closes the name.
+    let mut pg = 0u64;
+    let mut redis = 0u64;
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return (0.0, 0.0);
+    };
+    for entry in dir.flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let Some((name, rest)) = stat.split_once(" (").and_then(|(_, r)| r.rsplit_once(") "))
+        else {
+            continue;
+        };
+        let fields: Vec<u64> = rest
+            .split_whitespace()
+            .skip(11)
+            .take(4)
+            .map(|f| f.parse().unwrap_or(0))
+            .collect();
+        match name {
+            "postgres" => pg += fields.iter().sum::<u64>(),
+            "redis-server" => redis += fields.iter().take(2).sum::<u64>(),
+            _ => {}
+        }
+    }
+    (pg as f64 / 100.0, redis as f64 / 100.0)
+}
+
+/// What the servers spent on `events` since `before` (from [`server_cpu_seconds`]), as a
+/// line's tail: "PostgreSQL X us, Redis Y us of CPU an event".
+fn server_cpu_per_event(before: (f64, f64), events: usize) -> String {
+    let after = server_cpu_seconds();
+    let per = |a: f64, b: f64| (a - b) * 1e6 / events.max(1) as f64;
+    format!(
+        "PostgreSQL {:.1} us, Redis {:.1} us of CPU an event",
+        per(after.0, before.0),
+        per(after.1, before.1)
+    )
+}
+
 fn summary_rate(line: &str) -> f64 {
     // "... N rows in S s (R rows/s) ..." or "... (R events/s) ..."
     let open = line.find('(').unwrap();
@@ -299,13 +346,15 @@ async fn relay_run(b: &Bench, rows: i64) -> (f64, f64) {
     let client = connect(&b.url).await;
     b.fill_outbox(&client, rows, 20_000.min(rows.max(1))).await;
     b.clear_streams().await;
+    let cpu = server_cpu_seconds();
     let (out, rss) = b.outboxd_with_rss(&["relay", "--once"]);
+    let cpu = server_cpu_per_event(cpu, rows as usize);
     let line = out
         .lines()
         .find(|l| l.starts_with("relay main.outbox"))
         .unwrap()
         .to_string();
-    eprintln!("  {line}; peak RSS {rss:.1} MB");
+    eprintln!("  {line}; peak RSS {rss:.1} MB; {cpu}");
     (summary_rate(&line), rss)
 }
 
@@ -325,6 +374,7 @@ async fn relay_limit_run(b: &Bench, rows: i64) -> f64 {
     let mut best_pg = 0.0f64;
     for sessions in [1usize, 2] {
         b.fill_outbox(&client, rows, 20_000.min(rows.max(1))).await;
+        let cpu = server_cpu_seconds();
         let started = Instant::now();
         let mut tasks = Vec::new();
         for _ in 0..sessions {
@@ -349,12 +399,16 @@ async fn relay_limit_run(b: &Bench, rows: i64) -> f64 {
             t.await.unwrap();
         }
         let rate = rows as f64 / started.elapsed().as_secs_f64();
-        eprintln!("  limit: PostgreSQL claim+delete, {sessions} session(s): {rate:.0} rows/s");
+        let cpu = server_cpu_per_event(cpu, rows as usize);
+        eprintln!(
+            "  limit: PostgreSQL claim+delete, {sessions} session(s): {rate:.0} rows/s; {cpu}"
+        );
         best_pg = best_pg.max(rate);
     }
     b.clear_streams().await;
     let mut conn = b.redis().await;
     let key = format!("{}{TOPIC}", b.prefix);
+    let cpu = server_cpu_seconds();
     let started = Instant::now();
     for chunk in payloads.chunks(BATCH as usize) {
         let mut pipe = redis::pipe();
@@ -369,8 +423,9 @@ async fn relay_limit_run(b: &Bench, rows: i64) -> f64 {
         let () = pipe.query_async(&mut conn).await.unwrap();
     }
     let redis_rate = rows as f64 / started.elapsed().as_secs_f64();
+    let cpu = server_cpu_per_event(cpu, rows as usize);
     eprintln!(
-        "  limit: PostgreSQL claim+delete {best_pg:.0} rows/s, Redis XADD {redis_rate:.0} rows/s"
+        "  limit: PostgreSQL claim+delete {best_pg:.0} rows/s, Redis XADD {redis_rate:.0} rows/s ({cpu})"
     );
     best_pg.min(redis_rate)
 }
@@ -455,6 +510,7 @@ async fn consume_run(
     reset_orders(&client, orders).await;
     let evs = workload.events(orders, events);
     publish_events(b, &evs).await;
+    let cpu = server_cpu_seconds();
     let (ok, out) = b.outboxd_on(config, &["consume", "--once"]);
     assert!(ok, "{out}");
     let line = out
@@ -462,7 +518,11 @@ async fn consume_run(
         .find(|l| l.starts_with("consume order-status"))
         .unwrap()
         .to_string();
-    eprintln!("  {}: {line}", workload.name());
+    eprintln!(
+        "  {}: {line}; {}",
+        workload.name(),
+        server_cpu_per_event(cpu, evs.len())
+    );
     let delivered = client
         .query_one(
             "SELECT count(*) FROM orders WHERE status = 'delivered'",
@@ -503,11 +563,13 @@ async fn consume_limit_run(
     for _ in 0..sessions {
         conns.push(consume::Session::new(connect(&b.url).await).await);
     }
+    let cpu = server_cpu_seconds();
     let started = Instant::now();
     for parts in &plans {
         futures_util::future::join_all(conns.iter().zip(parts).map(|(c, p)| c.apply(p))).await;
     }
     let rate = evs.len() as f64 / started.elapsed().as_secs_f64();
+    let cpu = server_cpu_per_event(cpu, evs.len());
     let delivered: i64 = client
         .query_one(
             "SELECT count(*) FROM orders WHERE status = 'delivered'",
@@ -518,7 +580,7 @@ async fn consume_limit_run(
         .get(0);
     assert!(delivered > 0, "the limit did the work");
     eprintln!(
-        "  {}: limit with {sessions} session(s): {rate:.0} events/s",
+        "  {}: limit with {sessions} session(s): {rate:.0} events/s; {cpu}",
         workload.name()
     );
     rate
