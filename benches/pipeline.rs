@@ -363,13 +363,33 @@ async fn relay_run(b: &Bench, rows: i64) -> (f64, f64) {
 async fn relay_limit_run(b: &Bench, rows: i64) -> f64 {
     let client = connect(&b.url).await;
     b.fill_outbox(&client, rows, 20_000.min(rows.max(1))).await;
-    // Keep the envelopes for the XADD half.
-    let payloads: Vec<String> = client
-        .query("SELECT payload::text FROM outbox ORDER BY id", &[])
+    // The envelopes the relay writes for these rows, for the XADD half.
+    let payloads: Vec<Vec<u8>> = client
+        .query(
+            "SELECT event_id::text, topic, aggregate_id, payload::text,
+                    to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')
+             FROM outbox ORDER BY id",
+            &[],
+        )
         .await
         .unwrap()
         .iter()
-        .map(|r| r.get(0))
+        .map(|r| {
+            let mut envelope = Vec::new();
+            outboxd::envelope::encode_into(
+                &outboxd::envelope::Outgoing {
+                    event_id: r.get(0),
+                    source: "outboxd/main",
+                    topic: r.get(1),
+                    aggregate_id: r.get(2),
+                    time: r.get(4),
+                    payload_json: r.get(3),
+                    traceparent: None,
+                },
+                &mut envelope,
+            );
+            envelope
+        })
         .collect();
     let mut best_pg = 0.0f64;
     for sessions in [1usize, 2] {
