@@ -864,6 +864,17 @@ mod tests {
     use super::data_hash;
 
     #[test]
+    fn an_expired_event_is_said_with_its_expiration_as_the_entry_wrote_it() {
+        let entry = br#"{"specversion":"1.0","id":"e1","source":"s","type":"t","expiration":"2020-01-02T03:04:05Z","data":{}}"#;
+        let event = crate::envelope::decode(Some(entry), "t").expect("decodes");
+        assert!(event.expired_at(std::time::SystemTime::now()));
+        assert_eq!(
+            super::expired_reason(&event),
+            r#"expired (CloudEvents expiration "2020-01-02T03:04:05Z") before it was applied"#
+        );
+    }
+
+    #[test]
     fn hash_is_key_order_independent() {
         let a: serde_json::Value = serde_json::from_str(r#"{"a":1,"b":2}"#).expect("json");
         let b: serde_json::Value = serde_json::from_str(r#"{"b":2,"a":1}"#).expect("json");
