@@ -293,9 +293,9 @@ impl ConnectionLike for Conn {
 /// deployment allows: one pipeline on a single server; on a cluster one pipeline per key (a
 /// pipeline must stay within one slot), all sent at once. Results come back in the order of
 /// `commands`, an error reply as that command's own result; a connection failure fails all.
-pub async fn pipeline_by_key(
+pub async fn pipeline_by_key<K: PartialEq>(
     conn: &mut Conn,
-    commands: Vec<(String, Cmd)>,
+    commands: Vec<(K, Cmd)>,
 ) -> RedisResult<Vec<RedisResult<Value>>> {
     if commands.is_empty() {
         return Ok(Vec::new());
@@ -309,7 +309,7 @@ pub async fn pipeline_by_key(
         return pipe.ignore_errors().query_async(conn).await;
     }
     // one pipeline per key, remembering where each command's answer goes
-    let mut groups: Vec<(String, Vec<usize>, Pipeline)> = Vec::new();
+    let mut groups: Vec<(K, Vec<usize>, Pipeline)> = Vec::new();
     for (i, (key, cmd)) in commands.into_iter().enumerate() {
         let at = match groups.iter().position(|(k, _, _)| *k == key) {
             Some(at) => at,

@@ -1031,9 +1031,10 @@ async fn a_sequence_that_caches_ids_is_refused_with_the_fix() {
 /// `XADD`s, which Redis answers one by one. An early one refused for a passing reason (here
 /// the key briefly holding another type; after a restart, `LOADING` while Redis reads its
 /// AOF) while a later one of the same aggregate lands put the later event on the stream
-/// first. The proxy makes that interleaving happen on purpose: it holds the relay's publish
-/// write, lets its first command through while the key is a string, and the rest once it is
-/// free again. Judged by first occurrences, as a deduplicating consumer applies them.
+/// first. The proxy tries that interleaving on purpose: it holds the relay's publish write
+/// and lets its commands through one at a time, the key switching between a string and
+/// nothing before each, a string for the last; the rows then land after it is free again.
+/// Judged by first occurrences, as a deduplicating consumer applies them.
 #[tokio::test]
 async fn an_entry_refused_mid_batch_is_never_overtaken_by_a_later_one_of_its_aggregate() {
     let (db, streams, cfg) = migrated("overtake").await;
@@ -1058,13 +1059,23 @@ async fn an_entry_refused_mid_batch_is_never_overtaken_by_a_later_one_of_its_agg
     });
     proxy.wait_held(Duration::from_secs(60));
     let mut conn = streams.conn().await;
-    let _: () = redis::cmd("SET")
-        .arg(streams.key("t"))
-        .arg("briefly not a stream")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    proxy.pass_one_command(Duration::from_secs(30));
+    let mut passed = 0;
+    let mut held = usize::MAX;
+    while held > 0 {
+        let flip = if passed % 2 == 0 || held == 1 {
+            let mut set = redis::cmd("SET");
+            set.arg(streams.key("t")).arg("briefly not a stream");
+            set
+        } else {
+            let mut del = redis::cmd("DEL");
+            del.arg(streams.key("t"));
+            del
+        };
+        let _: () = flip.query_async(&mut conn).await.unwrap();
+        held = proxy.pass_one_command(Duration::from_secs(30));
+        passed += 1;
+    }
+    assert!(passed > 2, "the publish went out as {passed} command(s)");
     let _: () = redis::cmd("DEL")
         .arg(streams.key("t"))
         .query_async(&mut conn)
@@ -1073,6 +1084,11 @@ async fn an_entry_refused_mid_batch_is_never_overtaken_by_a_later_one_of_its_agg
     proxy.thaw();
     let (code, out, err) = relay.join().unwrap();
     assert_eq!(code, 0, "{out}{err}");
+    // the held publish was refused (its rows charged) and published again
+    assert!(
+        !out.contains(" 0 failed") && out.contains(" failed"),
+        "the refused publish was not seen: {out}"
+    );
 
     assert_eq!(count(&client, "SELECT count(*) FROM outbox").await, 0);
     // every row published, each aggregate's first occurrences in outbox order

@@ -5,7 +5,7 @@
 //! - `batch`: one batch, claim to commit, step by step;
 //! - `inflight`: two batches in flight;
 //! - `claim`: the SQL of every step, rendered once per table;
-//! - `publish`: the `XADD` scripts, one per stream key;
+//! - `publish`: the `XADD`s, one `MULTI`/`EXEC` transaction per stream key;
 //! - `listen`: the LISTEN connection that wakes the loop;
 //! - `inspect`: backlog and held-back rows for `status` and the gauges;
 //! - `resume`: the resume point claims start after, so that long drains stay fast.
