@@ -20,9 +20,14 @@
 //! events are all of the batch's, and the earlier ones it waits for (the head check) landed
 //! before.
 //!
+//! This rests on `MULTI` itself being accepted: Redis and Valkey take it while loading,
+//! while a script is busy and when out of memory (the states that refuse the `XADD`s), so a
+//! refused `MULTI` is not expected; if one came, the `XADD`s after it would run unwrapped,
+//! and its error fails the batch.
+//!
 //! Why not a Lua script, which gives the same: Redis's Lua hashes every byte of every
-//! argument it makes a string, which nearly doubled Redis's CPU an entry (2.2-2.5 us against
-//! 1.3 us, README "Benchmark results").
+//! argument it makes a string, which nearly doubled Redis's CPU an entry (2.1-2.5 us against
+//! 1.2-1.3 us, README "Benchmark results").
 
 use crate::error::{Error, Result};
 use crate::redis_io::{pipeline_by_key, Conn};
