@@ -19,6 +19,21 @@ async fn migrated(tag: &str) -> (TestDb, TestStreams, std::path::PathBuf) {
     (db, streams, cfg)
 }
 
+/// A relay of `batch_size = 500` on the test's outbox, and the outbox's oid.
+async fn relay_of_500(
+    db: &TestDb,
+    streams: &TestStreams,
+    client: &tokio_postgres::Client,
+) -> (outboxd::relay::Relay, u32) {
+    let relay = relay_from(&relay_config(&db.url, &streams.prefix, "batch_size = 500"));
+    let relid: u32 = client
+        .query_one("SELECT 'outbox'::regclass::oid", &[])
+        .await
+        .unwrap()
+        .get(0);
+    (relay, relid)
+}
+
 fn relay_from(cfg_text: &str) -> outboxd::relay::Relay {
     let config = Config::parse(cfg_text).unwrap();
     config.validate().unwrap();
@@ -855,12 +870,7 @@ async fn a_late_commit_below_the_pipelines_bound_is_published_in_the_same_run() 
     .await
     .unwrap();
     insert_rows(&client, TOPIC, 30_000, 300).await;
-    let relay = relay_from(&relay_config(&db.url, &streams.prefix, "batch_size = 500"));
-    let relid: u32 = client
-        .query_one("SELECT 'outbox'::regclass::oid", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let (relay, relid) = relay_of_500(&db, &streams, &client).await;
     let never = tokio_util::sync::CancellationToken::new();
     let committer = async {
         wait_until(
@@ -886,6 +896,65 @@ async fn a_late_commit_below_the_pipelines_bound_is_published_in_the_same_run() 
     );
     let entries = streams.entries(TOPIC).await;
     assert_eq!(check_stream(&entries, 30_001), 0, "no duplicates");
+}
+
+/// A batch in flight counts the next batch's head of the table in its own transaction (see
+/// `Links` in src/relay/batch.rs). A row another session holds just below the next batch
+/// must make that count fall short: the next batch then checks its aggregates itself, and the
+/// held row's aggregate waits behind it while every other aggregate drains.
+#[tokio::test]
+async fn a_row_held_by_another_session_below_a_pipelined_batch_holds_back_its_aggregate() {
+    let (db, streams, _) = migrated("heldbelow").await;
+    let client = db.client().await;
+    insert_rows(&client, TOPIC, 30_000, 300).await;
+    // another relay's lock on one row a third of the way in
+    let holder = db.client().await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    let held = holder
+        .query_one(
+            // (not OFFSET ... FOR UPDATE, which locks every row it skips)
+            "SELECT id, aggregate_id FROM outbox
+             WHERE id = (SELECT id FROM outbox ORDER BY id OFFSET 10000 LIMIT 1) FOR UPDATE",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (held_id, held_agg): (i64, String) = (held.get(0), held.get(1));
+    let behind = count(
+        &client,
+        &format!(
+            "SELECT count(*) FROM outbox WHERE aggregate_id = '{held_agg}' AND id >= {held_id}"
+        ),
+    )
+    .await;
+    assert!(
+        behind > 10,
+        "the held aggregate has rows after the held one: {behind}"
+    );
+
+    let (relay, relid) = relay_of_500(&db, &streams, &client).await;
+    let never = tokio_util::sync::CancellationToken::new();
+    let mut batches = 0;
+    let mut progress = |_: &outboxd::relay::BatchOutcome| batches += 1;
+    let run = relay
+        .batches_in_flight(relid, &never, None, &mut progress)
+        .await;
+    assert!(run.error.is_none(), "{:?}", run.error);
+    assert!(batches >= 40, "batches: {batches}");
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM outbox").await,
+        behind,
+        "everything but the held row and the rest of its aggregate was published"
+    );
+
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    let run = relay
+        .batches_in_flight(relid, &never, None, &mut |_| {})
+        .await;
+    assert!(run.error.is_none(), "{:?}", run.error);
+    assert_eq!(count(&client, "SELECT count(*) FROM outbox").await, 0);
+    let entries = streams.entries(TOPIC).await;
+    assert_eq!(check_stream(&entries, 30_000), 0, "no duplicates");
 }
 
 /// A batch's transaction is begun by hand (BEGIN travels with the claim). When such a

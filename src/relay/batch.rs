@@ -1,9 +1,11 @@
-//! One relay batch, step by step: claim (with the payloads of small rows; large ones read
-//! apart within the byte budget), check the heads (`check_heads`: the head-of-table count,
+//! One relay batch, step by step: claim (ids and row addresses), read the claimed rows (the
+//! payloads of small ones with them; large ones read apart within the byte budget), check
+//! the heads (`check_heads`: the head-of-table count,
 //! then the head-of-aggregate decision, pure in `heads_among` when few rows lie outside),
 //! build the envelopes, delete beside the publish (`publish.rs`), settle what Redis refused
 //! (charge or quarantine), commit, report. A batch is one PostgreSQL transaction: a crash
-//! anywhere before its commit leaves its rows to be published again.
+//! anywhere before its commit leaves its rows to be published again. How a batch is linked
+//! to the batches beside it, and counts the next one's head of the table, is [`Links`].
 
 use super::{publish, BatchOutcome, Relay};
 use crate::envelope::{encode_into, Outgoing};
@@ -18,7 +20,7 @@ use tokio::sync::oneshot;
 /// probing per aggregate.
 const SMALL_GAP_ROWS: i64 = 20_000;
 
-/// One claimed outbox row, in the claim's column order (see `claim.rs`).
+/// One claimed outbox row (see `claim.rs`: the claim, then `rows`).
 pub(super) struct OutboxRow<'a> {
     id: i64,
     /// The row's physical address, for the delete: stable while this transaction holds the
@@ -35,9 +37,13 @@ pub(super) struct OutboxRow<'a> {
 }
 
 impl<'a> OutboxRow<'a> {
-    /// `payload`: the claim's payload column (read once by the caller), else the one read
-    /// apart (a large one).
-    fn from_claim(row: &'a tokio_postgres::Row, payload: Option<&'a str>) -> OutboxRow<'a> {
+    /// `row`: the row as `rows` read it; `ctid` from the claim; `payload`: the row's payload
+    /// column (read once by the caller), else the one read apart (a large one).
+    fn read(
+        row: &'a tokio_postgres::Row,
+        ctid: &'a str,
+        payload: Option<&'a str>,
+    ) -> OutboxRow<'a> {
         OutboxRow {
             id: row.get(0),
             event_id: row.get(1),
@@ -46,7 +52,7 @@ impl<'a> OutboxRow<'a> {
             payload: payload.unwrap_or("null"),
             traceparent: row.get(5),
             created_at: row.get(6),
-            ctid: row.get(7),
+            ctid,
         }
     }
 }
@@ -63,6 +69,55 @@ pub(super) struct Claimed {
     pub(super) heavy: bool,
 }
 
+/// Where a batch asks the batch before it to run its head-of-table count: (its last id, the
+/// floor it claimed from). See [`Links`].
+pub(super) type CheckRequest = std::sync::Arc<std::sync::Mutex<Option<(i64, i64)>>>;
+
+/// How a batch is linked to the batches beside it (inflight.rs).
+///
+/// The head-of-table check of a batch (is every row at or below its last id its own?) must
+/// see the table as the previous batch's commit leaves it, and with a snapshot taken after
+/// this batch's claim read `pg_locks`. Run on its own after that commit, it is a round trip
+/// between two batches' publishes. So a batch that has claimed asks the batch before it, and
+/// that one, if it has not yet deleted its rows, sends the count right behind its `DELETE`,
+/// in its own transaction, beside its publish: its own deleted rows are gone for that
+/// statement's snapshot, which is fresh and taken after the claim. The count is handed on
+/// only if the previous batch then commits (then its rows are gone for everyone, exactly as
+/// that snapshot saw them); a batch that fails hands on nothing and the next checks on its own.
+/// It is worth what a check after the commit is worth: both snapshots follow the claim's lock
+/// read, and a row that can commit after either with an id up to the batch's last id belongs
+/// to a producer transaction open at that read, which the claim and the resume point already
+/// account for (claim.rs, resume.rs). Rows of other relays' batches, and the previous batch's
+/// rows it did not delete, are in the count, which then exceeds the batch's own: the batch
+/// does the full check.
+pub(super) struct Links {
+    /// Fires when the previous batch committed (dropped when it failed), with this batch's
+    /// head-of-table count if the previous batch ran it.
+    pub(super) after: Option<oneshot::Receiver<Option<i64>>>,
+    /// Where this batch asks the previous one to run its count.
+    pub(super) ask_previous: Option<CheckRequest>,
+    /// Where the next batch asks this one.
+    pub(super) asked_by_next: Option<CheckRequest>,
+    /// Told what was claimed (dropped unsent on an error).
+    pub(super) claimed: oneshot::Sender<Claimed>,
+    /// Fires after the commit, with the next batch's count if it was run here (dropped
+    /// unsent when the batch fails: its rows stay in place).
+    pub(super) done: oneshot::Sender<Option<i64>>,
+}
+
+impl Links {
+    /// A batch with no other beside it.
+    pub(super) fn alone() -> Links {
+        Links {
+            after: None,
+            ask_previous: None,
+            asked_by_next: None,
+            claimed: oneshot::channel().0,
+            done: oneshot::channel().0,
+        }
+    }
+}
+
 /// A finished batch, and whether it was the whole head of the table (no row at or below its
 /// last id outside it), which lets the next batch start before it has committed.
 #[derive(Debug)]
@@ -72,18 +127,21 @@ pub(super) struct Finished {
 }
 
 impl Relay {
-    /// One batch: claim rows with an id above `lower_bound`, wait for `after` (the previous
-    /// batch's commit, or its failure), check the heads, publish, delete and commit. `claimed`
-    /// tells the pipeline what was claimed (dropped unsent on an error); `done` fires after
-    /// the commit (dropped unsent when the batch fails: its rows stay in place).
+    /// One batch: claim rows with an id above `lower_bound`, wait for the previous batch's
+    /// commit or failure (`links`), check the heads, publish, delete and commit.
     pub(super) async fn batch(
         &self,
         relid: u32,
         lower_bound: i64,
-        after: Option<oneshot::Receiver<()>>,
-        claimed: oneshot::Sender<Claimed>,
-        done: oneshot::Sender<()>,
+        links: Links,
     ) -> Result<Finished> {
+        let Links {
+            after,
+            ask_previous,
+            asked_by_next,
+            claimed,
+            done,
+        } = links;
         let mut started = Instant::now();
         // Every PostgreSQL step is bounded by the query timeout: a connection that stops
         // answering fails the batch there, and the dropped transaction takes the connection
@@ -132,22 +190,29 @@ impl Relay {
         // the claim is in id order: its last row has the highest id
         let last_id = rows.last().map_or(0, |r| r.get::<_, i64>(0));
         if let Some(first) = rows.first() {
-            let holders: Option<Vec<String>> = first.get(9);
+            let holders: Option<Vec<String>> = first.get(4);
             self.resume_point().claimed(
                 first.get(0),
                 last_id,
                 holders.as_deref().unwrap_or_default(),
             );
         }
-        // The payload column read once (a text column is checked for UTF-8 on every read):
-        // NULL for a large payload the claim left out.
-        let inline: Vec<Option<&str>> = rows.iter().map(|r| r.get(4)).collect();
-        let large: Vec<usize> = (0..rows.len()).filter(|&i| inline[i].is_none()).collect();
+        let small: Vec<bool> = rows.iter().map(|r| r.get(2)).collect();
+        let large: Vec<usize> = (0..rows.len()).filter(|&i| !small[i]).collect();
         let _ = claimed.send(Claimed {
             full: rows.len() >= self.config.batch_size as usize,
             last_id,
             heavy: !large.is_empty(),
         });
+        // Asked as soon as the claim is back, so that the previous batch is still to delete.
+        // The horizon is read before: the count's snapshot is then taken after every proof it
+        // rests on (and after the claim's lock read).
+        let mut horizon = self.resume_point().safe_horizon();
+        if let (Some(ask), false) = (&ask_previous, rows.is_empty()) {
+            if let Ok(mut request) = ask.lock() {
+                *request = Some((last_id, floor));
+            }
+        }
         if rows.is_empty() {
             crate::db::bounded(bound, &ctx_claim, async {
                 tx.rollback().await.map_err(Error::pg(ctx_claim.clone()))
@@ -159,7 +224,7 @@ impl Relay {
             });
         }
         let holds_large = large.iter().any(|&i| {
-            usize::try_from(rows[i].get::<_, i32>(8)).unwrap_or(0)
+            usize::try_from(rows[i].get::<_, i32>(3)).unwrap_or(0)
                 >= crate::large_work::LARGE_EVENT_BYTES
         });
         if holds_large {
@@ -171,32 +236,45 @@ impl Relay {
         } else {
             None
         };
+        // The rows themselves in one statement, while the next batch claims (see claim.rs),
+        // in the claim's (id) order.
+        let read = self.read_rows(client, &rows, inline_bytes).await?;
+        // The payload column read once (a text column is checked for UTF-8 on every read):
+        // NULL for a large payload, read apart.
+        let inline: Vec<Option<&str>> = read.iter().map(|r| r.get(4)).collect();
+        let large: Vec<usize> = (0..read.len()).filter(|&i| inline[i].is_none()).collect();
         let (fetched, deferred) = self
             .fetch_large_payloads(client, &rows, &inline, &large)
             .await?;
-        // Each column read once (a text column is checked for UTF-8 on every read), and every
-        // envelope built before the wait below: most claimed rows are published.
-        let claimed_rows: Vec<OutboxRow<'_>> = rows
+        // Each column read once, and every envelope built before the wait below: most
+        // claimed rows are published.
+        let claimed_rows: Vec<OutboxRow<'_>> = read
             .iter()
+            .zip(&rows)
             .zip(inline.iter().zip(&fetched))
-            .map(|(row, (inline, fetched))| {
-                OutboxRow::from_claim(row, inline.or(fetched.as_deref()))
+            .map(|((row, claim), (inline, fetched))| {
+                OutboxRow::read(row, claim.get(1), inline.or(fetched.as_deref()))
             })
             .collect();
         let prepared = self.prepare(&claimed_rows);
+        let mut counted = None;
         if let Some(after) = after {
             let waiting = Instant::now();
             // Sent or dropped, the previous batch's transaction is over or going: either way
             // the check below is right (see `batches_in_flight`).
-            let _ = after.await;
+            counted = after.await.ok().flatten();
             started += waiting.elapsed();
         }
         let ids: Vec<i64> = claimed_rows.iter().map(|r| r.id).collect();
         let aggregates: Vec<&str> = claimed_rows.iter().map(|r| r.aggregate_id).collect();
-        let horizon = self.resume_point().safe_horizon();
-        let (publishable, whole_head) = self
-            .check_heads(client, &ids, &aggregates, last_id, floor)
-            .await?;
+        let (publishable, whole_head) = if counted == Some(ids.len() as i64) {
+            // the previous batch counted for us (see `Links`): the whole head of the table
+            (vec![true; ids.len()], true)
+        } else {
+            horizon = self.resume_point().safe_horizon();
+            self.check_heads(client, &ids, &aggregates, last_id, floor)
+                .await?
+        };
 
         let mut conn = self.redis.commands();
         let mut unknown_keys: Vec<&str> = prepared
@@ -240,14 +318,42 @@ impl Relay {
                 .map_err(Error::pg(ctx_delete.clone()))
         })
         .await?;
+        // the next batch's head-of-table count, right behind the delete (see `Links`)
+        let count_for_next = if entry_ctids.is_empty() {
+            None
+        } else {
+            asked_by_next
+                .as_ref()
+                .and_then(|asked| asked.lock().ok().and_then(|mut r| r.take()))
+        };
+        let count_statement = match count_for_next {
+            Some(_) => Some(
+                self.prepared(client, &self.sql.rows_up_to, &ctx_delete)
+                    .await?,
+            ),
+            None => None,
+        };
         let delete_fut = crate::db::bounded(bound, &ctx_delete, async {
             if entry_ctids.is_empty() {
-                Ok(0)
-            } else {
-                client
-                    .execute(&delete, &[&entry_ctids])
-                    .await
-                    .map_err(Error::pg(ctx_delete.clone()))
+                return Ok::<_, Error>(None);
+            }
+            // queued on the connection in this order: the count's snapshot follows the delete
+            let delete_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&entry_ctids];
+            let deleting = client.execute(&delete, &delete_params);
+            match (&count_statement, &count_for_next) {
+                (Some(statement), Some((next_last_id, next_floor))) => {
+                    let count_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
+                        [next_last_id, next_floor];
+                    let counting = client.query_one(statement, &count_params);
+                    let (deleted, count) = tokio::join!(deleting, counting);
+                    deleted.map_err(Error::pg(ctx_delete.clone()))?;
+                    let count = count.map_err(Error::pg(self.ctx("head-of-table check")))?;
+                    Ok(Some(count.get::<_, i64>(0)))
+                }
+                _ => {
+                    deleting.await.map_err(Error::pg(ctx_delete.clone()))?;
+                    Ok(None)
+                }
             }
         });
         let (deleted, results) = tokio::join!(
@@ -258,7 +364,7 @@ impl Relay {
             conn.renew().await;
         }
         let results = results?;
-        deleted?;
+        let count_for_next = deleted?;
         let mut per_topic: HashMap<&str, u64> = HashMap::new();
         let mut rejected = false;
         for ((id, _, topic), result) in entry_rows.iter().zip(results) {
@@ -300,7 +406,7 @@ impl Relay {
         if whole_head {
             self.resume_point().settled(horizon, last_id);
         }
-        let _ = done.send(());
+        let _ = done.send(count_for_next);
         outcome.published = published;
         self.remember_streams(&entries);
         self.report(&outcome, per_topic, started);
@@ -366,6 +472,43 @@ impl Relay {
             .observe(started.elapsed().as_secs_f64());
     }
 
+    /// The claimed rows as `rows` reads them, in the order of `claimed` (id order).
+    async fn read_rows(
+        &self,
+        client: &deadpool_postgres::Object,
+        claimed: &[tokio_postgres::Row],
+        inline_bytes: i32,
+    ) -> Result<Vec<tokio_postgres::Row>> {
+        let ctids: Vec<&str> = claimed.iter().map(|r| r.get(1)).collect();
+        let ctx = self.ctx("reading the claimed rows");
+        let statement = self.prepared(client, &self.sql.rows, &ctx).await?;
+        let mut read = crate::db::bounded(self.pg.query_timeout, &ctx, async {
+            client
+                .query(&statement, &[&ctids, &inline_bytes])
+                .await
+                .map_err(Error::pg(ctx.clone()))
+        })
+        .await?;
+        read.sort_unstable_by_key(|r| r.get::<_, i64>(0));
+        // every claimed row, once: impossible otherwise while this transaction holds them
+        let same = read.len() == claimed.len()
+            && read
+                .iter()
+                .zip(claimed)
+                .all(|(r, c)| r.get::<_, i64>(0) == c.get::<_, i64>(0));
+        if !same {
+            return Err(Error::UnexpectedReply {
+                command: ctx,
+                reply: format!(
+                    "{} rows read back for {} claimed",
+                    read.len(),
+                    claimed.len()
+                ),
+            });
+        }
+        Ok(read)
+    }
+
     /// Large payloads, in id order, while the batch's byte budget has room: the first always
     /// (a row larger than the budget goes alone), the others while the budget holds their
     /// stored size. Returns each row's fetched payload, and which rows are deferred to a later
@@ -385,12 +528,12 @@ impl Relay {
             let ctx = self.ctx("reading a large payload");
             let read = self.prepared(client, &self.sql.payload, &ctx).await?;
             for &i in large {
-                let stored = usize::try_from(rows[i].get::<_, i32>(8)).unwrap_or(0);
+                let stored = usize::try_from(rows[i].get::<_, i32>(3)).unwrap_or(0);
                 if bytes > 0 && bytes + stored > self.config.max_batch_bytes {
                     deferred[i] = true;
                     continue;
                 }
-                let ctid: &str = rows[i].get(7);
+                let ctid: &str = rows[i].get(1);
                 let text: String = crate::db::bounded(bound, &ctx, async {
                     client
                         .query_one(&read, &[&ctid])

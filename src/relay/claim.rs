@@ -39,11 +39,21 @@ pub const HELD_BACK_SCAN: i64 = 100_000;
 #[derive(Debug, Clone)]
 pub struct Statements {
     /// $1 table oid, $2 batch size, $3 lower bound (exclusive) of the ids claimed, $4 the
-    /// largest payload (stored bytes) that comes with the claim: a larger or compressed one
-    /// comes back NULL, with its stored size, and is read by `payload` if the batch's byte
-    /// budget has room for it. The last column: the virtual transaction IDs holding this
-    /// table's producer locks at the claim's lock read (NULL for none), for the resume point.
+    /// largest payload (stored bytes) read with the rest of the row by `rows`. Returns
+    /// (id, ctid, whether the payload is that small and not compressed, its stored size),
+    /// and as the last column the virtual transaction IDs holding this table's producer
+    /// locks at the claim's lock read (NULL for none), for the resume point.
+    ///
+    /// The rest of each row is read by `rows`, not here: claims run one after another (each
+    /// starts after the last id of the one before), while `rows` runs beside the next claim.
+    /// Turning a `jsonb` payload into text and sending it is most of what PostgreSQL spends
+    /// on a claimed row, and the other columns were most of the rest (a claim of 1,000 rows
+    /// with them took 5.5 ms in psql, 2.0 without the payloads, 0.7 with ids alone).
     pub claim: String,
+    /// $1 ctids (text) of rows this transaction has locked, $2 the claim's $4 -> (id,
+    /// event_id, topic, aggregate_id, payload as text if small (else NULL: read apart by
+    /// `payload`), traceparent, created_at), in no particular order.
+    pub rows: String,
     /// $1 ctid (text) of a claimed row -> its payload as text.
     pub payload: String,
     /// $1 last claimed id, $2 the resume point (no row at or below it) -> rows with an id
@@ -93,11 +103,9 @@ SELECT * FROM d ON CONFLICT (id) DO NOTHING"
             ),
             claim: format!(
                 "WITH {HELD}
-SELECT o.id, o.event_id, o.topic, o.aggregate_id,
-       CASE WHEN pg_catalog.pg_column_size(o.payload) <= $4
-             AND pg_catalog.pg_column_compression(o.payload) IS NULL
-            THEN o.payload::text END,
-       o.headers->>'traceparent', o.created_at, o.ctid::text,
+SELECT o.id, o.ctid::text,
+       pg_catalog.pg_column_size(o.payload) <= $4
+             AND pg_catalog.pg_column_compression(o.payload) IS NULL,
        pg_catalog.pg_column_size(o.payload),
        (SELECT array_agg(DISTINCT h.vxid) FROM held h)
 FROM {quoted} o
@@ -115,6 +123,14 @@ LIMIT $2
 FOR UPDATE OF o SKIP LOCKED"
             ),
             payload: format!("SELECT payload::text FROM {quoted} WHERE ctid = $1::text::tid"),
+            rows: format!(
+                "SELECT id, event_id, topic, aggregate_id,
+       CASE WHEN pg_catalog.pg_column_size(payload) <= $2
+             AND pg_catalog.pg_column_compression(payload) IS NULL
+            THEN payload::text END,
+       headers->>'traceparent', created_at
+FROM {quoted} WHERE ctid = ANY($1::text[]::tid[])"
+            ),
             rows_up_to: format!("SELECT count(*) FROM {quoted} WHERE id > $2 AND id <= $1"),
             rows_before: format!(
                 "SELECT id, aggregate_id FROM {quoted} WHERE id > $2 AND id <= $1"

@@ -2,7 +2,7 @@
 //! it, when the first is the whole head of the table (see `batches_in_flight`). What a run of
 //! them did is an [`InFlightRun`].
 
-use super::{BatchOutcome, Claimed, Finished, Relay};
+use super::{BatchOutcome, CheckRequest, Claimed, Finished, Links, Relay};
 use crate::error::{Error, Result};
 use futures_util::StreamExt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,9 +22,13 @@ pub struct InFlightRun {
 }
 
 impl Relay {
-    /// Batches back to back while their claims come back full, up to two in flight: while
-    /// one batch checks its heads, publishes and commits, the next one claims, and checks its
-    /// own heads after that commit.
+    /// Batches back to back while their claims come back full, up to three in flight (at
+    /// most the pool's size): while one batch publishes and commits, the next ones claim and
+    /// read their rows, and each checks its heads only after the commit of the one before (or
+    /// has the one before count them in its transaction, see `Links` in batch.rs). Three,
+    /// because a claim is now cheap and reading the claimed rows is not: the third batch
+    /// claims while the second reads, so that a batch is ready whenever the one before it
+    /// commits (two in flight left the publishes waiting for the reads).
     ///
     /// The next batch is launched early only while the batches were whole heads of the table
     /// (no row at or below a batch's last id outside it: the single relay draining a
@@ -49,10 +53,14 @@ impl Relay {
         still_active: Option<&AtomicBool>,
         progress: &mut (dyn FnMut(&BatchOutcome) + Send),
     ) -> InFlightRun {
-        const IN_FLIGHT: usize = 2;
+        const IN_FLIGHT: usize = 3;
+        // each batch in flight holds a connection until it commits
+        let in_flight_max = IN_FLIGHT.min(self.pool.status().max_size).max(1);
         let mut run = InFlightRun::default();
         let mut in_flight = futures_util::stream::FuturesOrdered::new();
-        let mut previous_done: Option<oneshot::Receiver<()>> = None;
+        let mut previous_done: Option<oneshot::Receiver<Option<i64>>> = None;
+        // where the batch launched last takes the next one's head-of-table count request
+        let mut previous_asked: Option<CheckRequest> = None;
         // the last id claimed by the batch launched last, and whether the batch that finished
         // last was the whole head of the table
         let mut last_claimed = 0_i64;
@@ -87,7 +95,7 @@ impl Relay {
         };
         loop {
             let room = in_flight.is_empty()
-                || (whole_head && !claimed_heavy && in_flight.len() < IN_FLIGHT);
+                || (whole_head && !claimed_heavy && in_flight.len() < in_flight_max);
             // a relay that lost its active lock finishes the batches in flight, starts no more
             let active = still_active.is_none_or(|a| a.load(Ordering::Acquire));
             if launch && room && active && !shutdown.is_cancelled() {
@@ -98,12 +106,17 @@ impl Relay {
                 };
                 let (claimed_tx, mut claimed_rx) = oneshot::channel();
                 let (done_tx, done_rx) = oneshot::channel();
+                let asked_by_next = CheckRequest::default();
                 in_flight.push_back(self.batch(
                     relid,
                     lower_bound,
-                    previous_done.replace(done_rx),
-                    claimed_tx,
-                    done_tx,
+                    Links {
+                        after: previous_done.replace(done_rx),
+                        ask_previous: previous_asked.replace(asked_by_next.clone()),
+                        asked_by_next: Some(asked_by_next),
+                        claimed: claimed_tx,
+                        done: done_tx,
+                    },
                 ));
                 // The batches in flight keep moving while this one claims.
                 loop {

@@ -23,7 +23,7 @@ mod listen;
 pub mod publish;
 mod resume;
 
-use batch::{Claimed, Finished};
+use batch::{CheckRequest, Claimed, Finished, Links};
 pub use inflight::InFlightRun;
 pub use inspect::{held_back_with, Backlog, Blocker, HeldBack};
 use listen::listen;
@@ -38,7 +38,7 @@ use deadpool_postgres::Pool;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 /// What one batch did.
@@ -196,9 +196,7 @@ impl Relay {
     /// Claims, publishes and deletes one batch, with no other batch of this relay in flight.
     pub async fn run_batch(&mut self) -> Result<BatchOutcome> {
         let relid = self.relid().await?;
-        let (claimed, _) = oneshot::channel();
-        let (done, _) = oneshot::channel();
-        Ok(self.batch(relid, 0, None, claimed, done).await?.outcome)
+        Ok(self.batch(relid, 0, Links::alone()).await?.outcome)
     }
 
     /// Deletes archived rows older than the retention, in batches of 5,000 (each statement
