@@ -326,11 +326,12 @@ impl Relay {
                 .as_ref()
                 .and_then(|asked| asked.lock().ok().and_then(|mut r| r.take()))
         };
-        let count_statement = match count_for_next {
-            Some(_) => Some(
+        let count_for_next = match count_for_next {
+            Some(request) => Some((
                 self.prepared(client, &self.sql.rows_up_to, &ctx_delete)
                     .await?,
-            ),
+                request,
+            )),
             None => None,
         };
         let delete_fut = crate::db::bounded(bound, &ctx_delete, async {
@@ -340,8 +341,8 @@ impl Relay {
             // queued on the connection in this order: the count's snapshot follows the delete
             let delete_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&entry_ctids];
             let deleting = client.execute(&delete, &delete_params);
-            match (&count_statement, &count_for_next) {
-                (Some(statement), Some((next_last_id, next_floor))) => {
+            match &count_for_next {
+                Some((statement, (next_last_id, next_floor))) => {
                     let count_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
                         [next_last_id, next_floor];
                     let counting = client.query_one(statement, &count_params);
@@ -350,7 +351,7 @@ impl Relay {
                     let count = count.map_err(Error::pg(self.ctx("head-of-table check")))?;
                     Ok(Some(count.get::<_, i64>(0)))
                 }
-                _ => {
+                None => {
                     deleting.await.map_err(Error::pg(ctx_delete.clone()))?;
                     Ok(None)
                 }
@@ -482,31 +483,34 @@ impl Relay {
         let ctids: Vec<&str> = claimed.iter().map(|r| r.get(1)).collect();
         let ctx = self.ctx("reading the claimed rows");
         let statement = self.prepared(client, &self.sql.rows, &ctx).await?;
-        let mut read = crate::db::bounded(self.pg.query_timeout, &ctx, async {
+        let read = crate::db::bounded(self.pg.query_timeout, &ctx, async {
             client
                 .query(&statement, &[&ctids, &inline_bytes])
                 .await
                 .map_err(Error::pg(ctx.clone()))
         })
         .await?;
-        read.sort_unstable_by_key(|r| r.get::<_, i64>(0));
+        // each id read once (a column read checks its type every time)
+        let mut by_id: Vec<(i64, tokio_postgres::Row)> =
+            read.into_iter().map(|r| (r.get(0), r)).collect();
+        by_id.sort_unstable_by_key(|(id, _)| *id);
         // every claimed row, once: impossible otherwise while this transaction holds them
-        let same = read.len() == claimed.len()
-            && read
+        let same = by_id.len() == claimed.len()
+            && by_id
                 .iter()
                 .zip(claimed)
-                .all(|(r, c)| r.get::<_, i64>(0) == c.get::<_, i64>(0));
+                .all(|((id, _), c)| *id == c.get::<_, i64>(0));
         if !same {
             return Err(Error::UnexpectedReply {
                 command: ctx,
                 reply: format!(
                     "{} rows read back for {} claimed",
-                    read.len(),
+                    by_id.len(),
                     claimed.len()
                 ),
             });
         }
-        Ok(read)
+        Ok(by_id.into_iter().map(|(_, r)| r).collect())
     }
 
     /// Large payloads, in id order, while the batch's byte budget has room: the first always
