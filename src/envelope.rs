@@ -28,39 +28,76 @@ pub struct Outgoing<'a> {
 /// Appends the envelope to `out` (cleared first) and returns its length.
 pub fn encode_into(event: &Outgoing<'_>, out: &mut Vec<u8>) -> usize {
     out.clear();
-    out.extend_from_slice(b"{\"specversion\":\"1.0\",\"id\":");
-    push_str(out, event.event_id);
-    out.extend_from_slice(b",\"source\":");
-    push_str(out, event.source);
-    out.extend_from_slice(b",\"type\":");
-    push_str(out, event.topic);
+    write_envelope(event, out)
+}
+
+/// Writes the envelope to `out` and returns its length. `out` is a sink that cannot fail
+/// (a `Vec`, the argument of a Redis command being built): the relay writes each envelope
+/// straight into its `XADD`, with no buffer of its own to copy from.
+pub fn write_envelope(event: &Outgoing<'_>, out: &mut impl std::io::Write) -> usize {
+    let mut out = Counted { inner: out, len: 0 };
+    out.put(b"{\"specversion\":\"1.0\",\"id\":");
+    push_str(&mut out, event.event_id);
+    out.put(b",\"source\":");
+    push_str(&mut out, event.source);
+    out.put(b",\"type\":");
+    push_str(&mut out, event.topic);
     // CloudEvents 1.0: `subject`, when present, must not be empty.
     if !event.aggregate_id.is_empty() {
-        out.extend_from_slice(b",\"subject\":");
-        push_str(out, event.aggregate_id);
+        out.put(b",\"subject\":");
+        push_str(&mut out, event.aggregate_id);
     }
-    out.extend_from_slice(b",\"time\":");
-    push_str(out, event.time);
-    out.extend_from_slice(b",\"datacontenttype\":\"application/json\",\"data\":");
-    out.extend_from_slice(event.payload_json.as_bytes());
+    out.put(b",\"time\":");
+    push_str(&mut out, event.time);
+    out.put(b",\"datacontenttype\":\"application/json\",\"data\":");
+    out.put(event.payload_json.as_bytes());
     // A header that is not a W3C trace context would make the envelope invalid for
     // consumers that check it (Dapr parses it); it is left out rather than copied.
     if let Some(tp) = event
         .traceparent
         .filter(|tp| TraceParent::parse(tp).is_some())
     {
-        out.extend_from_slice(b",\"traceparent\":");
-        push_str(out, tp);
+        out.put(b",\"traceparent\":");
+        push_str(&mut out, tp);
     }
-    out.push(b'}');
-    out.len()
+    out.put(b"}");
+    out.len
+}
+
+/// A sink that cannot fail, counting what it took.
+struct Counted<'a, W: std::io::Write> {
+    inner: &'a mut W,
+    len: usize,
+}
+
+impl<W: std::io::Write> Counted<'_, W> {
+    fn put(&mut self, bytes: &[u8]) {
+        // the sinks written to (Vec, a Redis command's argument) do not fail
+        let _ = self.inner.write_all(bytes);
+        self.len += bytes.len();
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for Counted<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.put(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Formats seconds since the Unix epoch as RFC 3339 UTC with microseconds
 /// (`2026-11-22T08:00:00.123456Z`), the form PostgreSQL's `timestamptz` carries.
 pub fn format_rfc3339_micros(epoch_seconds: f64, out: &mut String) {
-    use std::fmt::Write;
-    let micros_total = (epoch_seconds * 1_000_000.0).round() as i64;
+    format_rfc3339_from_micros((epoch_seconds * 1_000_000.0).round() as i64, out);
+}
+
+/// [`format_rfc3339_micros`] from microseconds since the Unix epoch (exact: the relay's
+/// `timestamptz` comes as microseconds).
+pub fn format_rfc3339_from_micros(micros_total: i64, out: &mut String) {
     let secs = micros_total.div_euclid(1_000_000);
     let micros = micros_total.rem_euclid(1_000_000);
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
@@ -75,19 +112,53 @@ pub fn format_rfc3339_micros(epoch_seconds: f64, out: &mut String) {
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
     out.clear();
-    let _ = write!(
-        out,
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    );
+    if !(0..=9999).contains(&y) {
+        // outside four-digit years (not a time an outbox row has): the general formatter
+        use std::fmt::Write;
+        let _ = write!(
+            out,
+            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z",
+            rem / 3600,
+            rem % 3600 / 60,
+            rem % 60
+        );
+        return;
+    }
+    // The digits written by hand: `write!` with widths was a twentieth of the relay's own
+    // CPU (one timestamp per event).
+    let mut text = *b"0000-00-00T00:00:00.000000Z";
+    let mut put = |at: usize, width: usize, mut value: i64| {
+        for i in (at..at + width).rev() {
+            text[i] = b'0' + (value % 10) as u8;
+            value /= 10;
+        }
+    };
+    put(0, 4, y);
+    put(5, 2, m);
+    put(8, 2, d);
+    put(11, 2, rem / 3600);
+    put(14, 2, rem % 3600 / 60);
+    put(17, 2, rem % 60);
+    put(20, 6, micros);
+    // only ASCII digits and separators were written
+    out.push_str(std::str::from_utf8(&text).unwrap_or_default());
 }
 
-fn push_str(out: &mut Vec<u8>, s: &str) {
-    // Writing a &str into a Vec cannot fail; serde_json escapes it per RFC 8259.
+fn push_str<W: std::io::Write>(out: &mut Counted<'_, W>, s: &str) {
+    // Most strings need no escaping (ids, topics, times): copied as they are. The test folds
+    // over every byte (no early exit), which the compiler turns into vector instructions.
+    let needs_escape = s.bytes().fold(false, |seen, b| {
+        seen | (b == b'"') | (b == b'\\') | (b < 0x20)
+    });
+    if !needs_escape {
+        out.put(b"\"");
+        out.put(s.as_bytes());
+        out.put(b"\"");
+        return;
+    }
+    // serde_json escapes it per RFC 8259 (writing a &str to a sink that cannot fail).
     if serde_json::to_writer(&mut *out, s).is_err() {
-        out.extend_from_slice(b"null");
+        out.put(b"null");
     }
 }
 
@@ -668,6 +739,46 @@ mod tests {
             back,
             std::time::UNIX_EPOCH + std::time::Duration::from_millis(951_782_400_500)
         );
+    }
+
+    #[test]
+    fn rfc3339_from_micros_across_boundaries() {
+        let mut s = String::new();
+        for (micros, text) in [
+            (-1, "1969-12-31T23:59:59.999999Z"),
+            (-62_135_596_800_000_000, "0001-01-01T00:00:00.000000Z"),
+            (-62_167_219_200_000_000, "0000-01-01T00:00:00.000000Z"),
+            (253_402_300_799_999_999, "9999-12-31T23:59:59.999999Z"),
+            (253_402_300_800_000_000, "10000-01-01T00:00:00.000000Z"),
+            (1_795_334_866_148_250, "2026-11-22T08:07:46.148250Z"),
+            (4_107_542_400_000_001, "2100-03-01T00:00:00.000001Z"),
+        ] {
+            format_rfc3339_from_micros(micros, &mut s);
+            assert_eq!(s, text, "{micros}");
+        }
+    }
+
+    #[test]
+    fn strings_that_need_escaping_are_escaped_and_others_copied() {
+        let mut out = Vec::new();
+        for (text, json) in [
+            ("order-1", r#""order-1""#),
+            ("a\"b", r#""a\"b""#),
+            ("back\\slash", r#""back\\slash""#),
+            ("tab\there", r#""tab\there""#),
+            ("\u{1}", r#""\u0001""#),
+            ("caf\u{e9}", "\"caf\u{e9}\""),
+        ] {
+            out.clear();
+            push_str(
+                &mut Counted {
+                    inner: &mut out,
+                    len: 0,
+                },
+                text,
+            );
+            assert_eq!(std::str::from_utf8(&out).unwrap(), json, "{text:?}");
+        }
     }
 
     #[test]

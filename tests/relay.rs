@@ -140,6 +140,55 @@ async fn relay_once_publishes_cloudevents_and_empties_the_outbox() {
 }
 
 #[tokio::test]
+async fn each_entry_carries_the_time_of_its_own_row() {
+    // Times repeat (one producer transaction) and change from row to row, down to the
+    // microsecond and before 1970: each envelope's `time` is its own row's.
+    let (db, streams, cfg) = migrated("own_time").await;
+    let client = db.client().await;
+    let times = [
+        "2026-11-22 08:00:00.123456+00",
+        "2026-11-22 08:00:00.123456+00",
+        "2026-11-22 08:00:00.123457+00",
+        "2026-11-22 08:00:00.123456+00",
+        "1969-12-31 23:59:59.999999+00",
+        "2000-02-29 12:34:56+00",
+        "2000-02-29 12:34:56+00",
+    ];
+    for time in times {
+        client
+            .execute(
+                "INSERT INTO outbox (topic, aggregate_id, payload, created_at)
+                 VALUES ($1, 'o-1', '{}', $2::text::timestamptz)",
+                &[&TOPIC, &time],
+            )
+            .await
+            .unwrap();
+    }
+    let expected: Vec<String> = client
+        .query(
+            "SELECT to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')
+             FROM outbox ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let (code, _, err) = run_bin(&["--config", cfg.to_str().unwrap(), "relay", "--once"], &[]);
+    assert_eq!(code, 0, "{err}");
+    let published: Vec<String> = streams
+        .entries(TOPIC)
+        .await
+        .iter()
+        .map(|(_, e)| e["time"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(published, expected);
+    assert_eq!(published[2], "2026-11-22T08:00:00.123457Z");
+    assert_eq!(published[4], "1969-12-31T23:59:59.999999Z");
+}
+
+#[tokio::test]
 async fn three_relays_keep_per_aggregate_order() {
     let (db, streams, _) = migrated("three").await;
     let client = db.client().await;

@@ -7,11 +7,14 @@
 //! anywhere before its commit leaves its rows to be published again. How a batch is linked
 //! to the batches beside it, and counts the next one's head of the table, is [`Links`].
 
-use super::{publish, BatchOutcome, Relay};
-use crate::envelope::{encode_into, Outgoing};
+use super::claim::RowAddress;
+use super::publish::{self, Entry};
+use super::{BatchOutcome, Relay};
+use crate::envelope::Outgoing;
 use crate::error::{Error, Result};
 use crate::metrics::metrics;
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::oneshot;
 
@@ -25,7 +28,7 @@ pub(super) struct OutboxRow<'a> {
     id: i64,
     /// The row's physical address, for the delete: stable while this transaction holds the
     /// row lock.
-    ctid: &'a str,
+    ctid: RowAddress,
     // uuid and timestamptz come in binary: PostgreSQL formatting them as text costs more
     // than doing it here
     event_id: uuid::Uuid,
@@ -41,7 +44,7 @@ impl<'a> OutboxRow<'a> {
     /// column (read once by the caller), else the one read apart (a large one).
     fn read(
         row: &'a tokio_postgres::Row,
-        ctid: &'a str,
+        ctid: RowAddress,
         payload: Option<&'a str>,
     ) -> OutboxRow<'a> {
         OutboxRow {
@@ -281,7 +284,7 @@ impl Relay {
             .iter()
             .zip(&publishable)
             .filter(|(_, head)| **head)
-            .filter_map(|(p, _)| p.as_ref().ok().map(|(key, _)| key.as_str()))
+            .filter_map(|(p, _)| p.as_ref().ok().map(|entry| &*entry.key))
             .collect();
         unknown_keys.sort_unstable();
         unknown_keys.dedup();
@@ -304,7 +307,7 @@ impl Relay {
         // publishing fails, and nothing commits before Redis has accepted every entry. It
         // goes by ctid (no index probe per row): the rows are locked by this transaction, so
         // nothing can have moved them.
-        let entry_ctids: Vec<&str> = entry_rows.iter().map(|e| e.1).collect();
+        let entry_ctids: Vec<RowAddress> = entry_rows.iter().map(|e| e.1).collect();
         let delete_sql = if self.config.archive_retention_hours > 0 {
             &self.sql.delete_to_archive
         } else {
@@ -357,9 +360,16 @@ impl Relay {
                 }
             }
         });
+        // the keys published to, remembered after the commit (the entries go to Redis)
+        let mut published_keys: Vec<Arc<str>> = Vec::new();
+        for entry in &entries {
+            if published_keys.last() != Some(&entry.key) && !published_keys.contains(&entry.key) {
+                published_keys.push(entry.key.clone());
+            }
+        }
         let (deleted, results) = tokio::join!(
             delete_fut,
-            publish::publish(&mut conn, &entries, &entry_aggregates)
+            publish::publish(&mut conn, entries, &entry_aggregates)
         );
         if holds_large {
             conn.renew().await;
@@ -409,7 +419,7 @@ impl Relay {
         }
         let _ = done.send(count_for_next);
         outcome.published = published;
-        self.remember_streams(&entries);
+        self.remember_streams(&published_keys);
         self.report(&outcome, per_topic, started);
         // Rows left behind for a retry are rows at or below the batch's last id: the next
         // claim must not start after them.
@@ -446,14 +456,14 @@ impl Relay {
 
     /// The stream keys a committed batch published to hold streams: the next batches skip
     /// their type check (forgotten past 10,000 keys, and whenever Redis refuses an entry).
-    fn remember_streams(&self, entries: &[(String, Vec<u8>)]) {
+    fn remember_streams(&self, keys: &[Arc<str>]) {
         if let Ok(mut known) = self.known_streams.lock() {
             if known.len() > 10_000 {
                 known.clear();
             }
-            for (key, _) in entries {
-                if !known.contains(key) {
-                    known.insert(key.clone());
+            for key in keys {
+                if !known.contains(&**key) {
+                    known.insert(key.to_string());
                 }
             }
         }
@@ -480,7 +490,7 @@ impl Relay {
         claimed: &[tokio_postgres::Row],
         inline_bytes: i32,
     ) -> Result<Vec<tokio_postgres::Row>> {
-        let ctids: Vec<&str> = claimed.iter().map(|r| r.get(1)).collect();
+        let ctids: Vec<RowAddress> = claimed.iter().map(|r| r.get(1)).collect();
         let ctx = self.ctx("reading the claimed rows");
         let statement = self.prepared(client, &self.sql.rows, &ctx).await?;
         let read = crate::db::bounded(self.pg.query_timeout, &ctx, async {
@@ -537,7 +547,7 @@ impl Relay {
                     deferred[i] = true;
                     continue;
                 }
-                let ctid: &str = rows[i].get(1);
+                let ctid: RowAddress = rows[i].get(1);
                 let text: String = crate::db::bounded(bound, &ctx, async {
                     client
                         .query_one(&read, &[&ctid])
@@ -638,10 +648,11 @@ impl Relay {
 
     /// Each claimed row's stream key and CloudEvents envelope, or why it cannot be
     /// published (a topic that is no usable stream name, an envelope over `max_entry_bytes`).
-    pub(super) fn prepare(&self, rows: &[OutboxRow<'_>]) -> Vec<Result<(String, Vec<u8>), String>> {
+    pub(super) fn prepare(&self, rows: &[OutboxRow<'_>]) -> Vec<Result<Entry, String>> {
         // per topic: its stream key (unpartitioned) or its problem
-        let mut topics: Vec<(&str, Result<String, String>)> = Vec::new();
+        let mut topics: Vec<(&str, Result<Arc<str>, String>)> = Vec::new();
         let mut time_buf = String::with_capacity(32);
+        let mut time_of: Option<i64> = None;
         let mut uuid_buf = uuid::Uuid::encode_buffer();
         rows.iter()
             .map(|row| {
@@ -649,24 +660,30 @@ impl Relay {
                     Some((_, checked)) => checked.clone(),
                     None => {
                         let checked = crate::config::validate_topic("topic", row.topic)
-                            .map(|()| self.redis.stream_key(row.topic))
+                            .map(|()| Arc::from(self.redis.stream_key(row.topic)))
                             .map_err(|e| format!("unusable topic: {}", e.message));
                         topics.push((row.topic, checked.clone()));
                         checked
                     }
                 };
                 let key = if self.redis.is_partitioned(row.topic) {
-                    topic.map(|_| self.redis.stream_key_for(row.topic, row.aggregate_id))
+                    topic.map(|_| Arc::from(self.redis.stream_key_for(row.topic, row.aggregate_id)))
                 } else {
                     topic
                 }?;
-                let created_epoch = match row.created_at.duration_since(std::time::UNIX_EPOCH) {
-                    Ok(after) => after.as_secs_f64(),
-                    Err(before) => -before.duration().as_secs_f64(),
+                let created_micros = match row.created_at.duration_since(std::time::UNIX_EPOCH) {
+                    Ok(after) => i64::try_from(after.as_micros()).unwrap_or(i64::MAX),
+                    Err(before) => {
+                        -i64::try_from(before.duration().as_micros()).unwrap_or(i64::MAX)
+                    }
                 };
-                crate::envelope::format_rfc3339_micros(created_epoch, &mut time_buf);
-                let mut envelope = Vec::with_capacity(row.payload.len() + 256);
-                let len = encode_into(
+                // rows written by one transaction share their time: formatted once
+                if time_of != Some(created_micros) {
+                    crate::envelope::format_rfc3339_from_micros(created_micros, &mut time_buf);
+                    time_of = Some(created_micros);
+                }
+                let (entry, len) = Entry::new(
+                    key,
                     &Outgoing {
                         event_id: row.event_id.hyphenated().encode_lower(&mut uuid_buf),
                         source: &self.source,
@@ -676,7 +693,6 @@ impl Relay {
                         payload_json: row.payload,
                         traceparent: row.traceparent,
                     },
-                    &mut envelope,
                 );
                 if len > self.config.max_entry_bytes {
                     return Err(format!(
@@ -684,7 +700,7 @@ impl Relay {
                         self.config.max_entry_bytes
                     ));
                 }
-                Ok((key, envelope))
+                Ok(entry)
             })
             .collect()
     }
@@ -734,10 +750,10 @@ impl Relay {
 
 /// What a batch sends and what it charges, in id order.
 pub(super) struct Chosen<'r> {
-    /// (stream key, envelope) of each entry to publish.
-    pub(super) entries: Vec<(String, Vec<u8>)>,
+    /// Each entry to publish.
+    pub(super) entries: Vec<Entry>,
     /// (id, ctid, topic) of each entry's row.
-    pub(super) rows: Vec<(i64, &'r str, &'r str)>,
+    pub(super) rows: Vec<(i64, RowAddress, &'r str)>,
     /// Each entry's aggregate.
     pub(super) aggregates: Vec<&'r str>,
     /// Rows that cannot be published as they are, with the reason: charged an attempt.
@@ -750,13 +766,13 @@ pub(super) struct Chosen<'r> {
 /// stops the rest of its aggregate in this batch, so nothing overtakes it.
 fn choose_entries<'r>(
     claimed_rows: &[OutboxRow<'r>],
-    prepared: Vec<Result<(String, Vec<u8>), String>>,
+    prepared: Vec<Result<Entry, String>>,
     publishable: &[bool],
     deferred: &[bool],
     unusable: &HashMap<String, String>,
 ) -> Chosen<'r> {
-    let mut entries: Vec<(String, Vec<u8>)> = Vec::with_capacity(claimed_rows.len());
-    let mut entry_rows: Vec<(i64, &str, &str)> = Vec::with_capacity(claimed_rows.len());
+    let mut entries: Vec<Entry> = Vec::with_capacity(claimed_rows.len());
+    let mut entry_rows: Vec<(i64, RowAddress, &str)> = Vec::with_capacity(claimed_rows.len());
     let mut entry_aggregates: Vec<&str> = Vec::with_capacity(claimed_rows.len());
     let mut failures: Vec<(i64, String)> = Vec::new();
     let mut stopped: HashSet<&str> = HashSet::new();
@@ -773,11 +789,12 @@ fn choose_entries<'r>(
         if !head || (!stopped.is_empty() && stopped.contains(row.aggregate_id)) {
             continue;
         }
-        let failure = prepared.and_then(|(key, envelope)| match unusable.get(&key) {
+        let failure = prepared.and_then(|entry| match unusable.get(&*entry.key) {
             Some(kind) => Err(format!(
-                "WRONGTYPE: stream key {key} holds a {kind}, not a stream"
+                "WRONGTYPE: stream key {} holds a {kind}, not a stream",
+                entry.key
             )),
-            None => Ok((key, envelope)),
+            None => Ok(entry),
         });
         match failure {
             Ok(entry) => {
@@ -822,13 +839,26 @@ fn heads_among(ids: &[i64], aggregates: &[&str], table_rows: &[(i64, &str)]) -> 
 
 #[cfg(test)]
 mod tests {
-    use super::{choose_entries, heads_among, OutboxRow};
+    use super::{choose_entries, heads_among, Entry, OutboxRow};
     use std::collections::HashMap;
+
+    fn entry(key: &str) -> Result<Entry, String> {
+        let event = crate::envelope::Outgoing {
+            event_id: "e",
+            source: "outboxd/test",
+            topic: "t",
+            aggregate_id: "a",
+            time: "2026-11-22T08:00:00.000000Z",
+            payload_json: "{}",
+            traceparent: None,
+        };
+        Ok(Entry::new(key.into(), &event).0)
+    }
 
     fn row(id: i64, aggregate_id: &'static str) -> OutboxRow<'static> {
         OutboxRow {
             id,
-            ctid: "(0,1)",
+            ctid: crate::relay::claim::RowAddress::at(0, 1),
             event_id: uuid::Uuid::nil(),
             topic: "t",
             aggregate_id,
@@ -849,10 +879,10 @@ mod tests {
         ];
         let prepared = vec![
             Err("payload too large".to_string()), // a fails: 3 must not overtake it
-            Ok(("s:t".to_string(), b"2".to_vec())),
-            Ok(("s:t".to_string(), b"3".to_vec())),
-            Ok(("s:t".to_string(), b"4".to_vec())), // deferred: 5 waits behind it
-            Ok(("s:t".to_string(), b"5".to_vec())),
+            entry("s:t"),
+            entry("s:t"),
+            entry("s:t"), // deferred: 5 waits behind it
+            entry("s:t"),
         ];
         let chosen = choose_entries(
             &rows,
@@ -870,12 +900,7 @@ mod tests {
     #[test]
     fn a_key_that_holds_no_stream_fails_its_row_and_rows_not_at_their_head_wait_uncharged() {
         let rows = [row(1, "a"), row(2, "b"), row(3, "b"), row(4, "c")];
-        let prepared = vec![
-            Ok(("s:bad".to_string(), b"1".to_vec())),
-            Ok(("s:t".to_string(), b"2".to_vec())),
-            Ok(("s:t".to_string(), b"3".to_vec())),
-            Ok(("s:t".to_string(), b"4".to_vec())),
-        ];
+        let prepared = vec![entry("s:bad"), entry("s:t"), entry("s:t"), entry("s:t")];
         let unusable = HashMap::from([("s:bad".to_string(), "string".to_string())]);
         // b's head is elsewhere (another relay's row, a late commit): 2 and 3 wait
         let publishable = [true, false, false, true];
