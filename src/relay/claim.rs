@@ -166,7 +166,11 @@ FROM {quoted} o
 WHERE o.id > $3
   AND o.quarantined_at IS NULL
   AND NOT EXISTS (SELECT 1 FROM held h WHERE h.objsubid = 1)
-  AND NOT EXISTS (SELECT 1 FROM held h WHERE h.objsubid = 2 AND h.objid = hashtext(o.aggregate_id)::oid)
+  -- Aggregates marked by an open producer transaction: one hash table of the marks, built
+  -- once and probed per row, and not even that while there are none (an InitPlan). As a
+  -- correlated NOT EXISTS it was an anti join rescanning the marks for every row.
+  AND (NOT EXISTS (SELECT 1 FROM held h0 WHERE h0.objsubid = 2)
+       OR NOT (hashtext(o.aggregate_id)::oid IN (SELECT h.objid FROM held h WHERE h.objsubid = 2)))
   -- The per-row probe for an earlier quarantined row of the aggregate only runs when the
   -- table holds a quarantined row at all (evaluated once, as an InitPlan).
   AND (NOT EXISTS (SELECT 1 FROM {quoted} q0 WHERE q0.quarantined_at IS NOT NULL)
