@@ -155,7 +155,6 @@ impl Relay {
             self.pool.get().await.map_err(Error::pool(ctx_get.clone()))
         })
         .await?;
-        let limit = i64::from(self.config.batch_size);
         let ctx_claim = self.ctx("claiming a batch");
         let claim = self.prepared(&client, &self.sql.claim, &ctx_claim).await?;
         let tx = crate::db::OpenTransaction::new(client);
@@ -167,7 +166,11 @@ impl Relay {
         // The batch's statements run their prepared (generic) plans: left to choose, the
         // server planned the claim afresh on every execution (its estimate for a generic
         // `id > $3 ... LIMIT $2` is worse than for any given bound), 0.25-0.5 ms of a 1,000-row
-        // claim's 1.1-1.6, for the same plan; the counts and row reads likewise.
+        // claim's 1.1-1.6, for the same plan; the counts and row reads likewise. The claim has
+        // its batch size written in (claim.rs), without which its generic plan is costed as
+        // reading a tenth of the table. No JIT: on a large outbox that cost crossed
+        // `jit_above_cost` and every claim compiled itself (20 ms against 1 ms at 1,000,000
+        // rows); these are short statements JIT never pays off for.
         // Payloads up to this many stored bytes come with the claim (a full claim of them
         // fits the byte budget); larger or compressed ones are read apart, within it.
         let inline_bytes = i32::try_from(
@@ -179,13 +182,13 @@ impl Relay {
         // are all gone, and walking their index entries is what made long drains slow.
         let floor = self.resume_point().floor();
         let lower_bound = lower_bound.max(floor);
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
-            [&relid, &limit, &lower_bound, &inline_bytes];
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+            [&relid, &lower_bound, &inline_bytes];
         let (begun, rows) = crate::db::bounded(bound, &ctx_claim, async {
             Ok::<_, Error>(tokio::join!(
                 client.batch_execute(
                     "BEGIN; SET LOCAL synchronous_commit = off; \
-                     SET LOCAL plan_cache_mode = force_generic_plan"
+                     SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL jit = off"
                 ),
                 client.query(&claim, &params)
             ))

@@ -92,8 +92,10 @@ use tokio_postgres::types::{to_sql_checked, FromSql, IsNull, ToSql, Type};
 
 #[derive(Debug, Clone)]
 pub struct Statements {
-    /// $1 table oid, $2 batch size, $3 lower bound (exclusive) of the ids claimed, $4 the
-    /// largest payload (stored bytes) read with the rest of the row by `rows`. Returns
+    /// $1 table oid, $2 lower bound (exclusive) of the ids claimed, $3 the largest payload
+    /// (stored bytes) read with the rest of the row by `rows`; the batch size is written
+    /// into the statement, so that its generic plan knows how few rows it reads (the relay's
+    /// batches run generic plans, see batch.rs). Returns
     /// (id, ctid, whether the payload is that small and not compressed, its stored size),
     /// and as the last column the virtual transaction IDs holding this table's producer
     /// locks at the claim's lock read (NULL for none), for the resume point.
@@ -143,7 +145,7 @@ pub struct Statements {
 }
 
 impl Statements {
-    pub fn for_table(quoted: &str, archive: &str) -> Statements {
+    pub fn for_table(quoted: &str, archive: &str, batch_size: u32) -> Statements {
         Statements {
             delete_to_archive: format!(
                 "WITH d AS (DELETE FROM {quoted} WHERE ctid = ANY($1::tid[])
@@ -158,12 +160,12 @@ SELECT * FROM d ON CONFLICT (id) DO NOTHING"
             claim: format!(
                 "WITH {HELD}
 SELECT o.id, o.ctid,
-       pg_catalog.pg_column_size(o.payload) <= $4
+       pg_catalog.pg_column_size(o.payload) <= $3
              AND pg_catalog.pg_column_compression(o.payload) IS NULL,
        pg_catalog.pg_column_size(o.payload),
        (SELECT array_agg(DISTINCT h.vxid) FROM held h)
 FROM {quoted} o
-WHERE o.id > $3
+WHERE o.id > $2
   AND o.quarantined_at IS NULL
   AND NOT EXISTS (SELECT 1 FROM held h WHERE h.objsubid = 1)
   -- Aggregates marked by an open producer transaction: one hash table of the marks, built
@@ -177,7 +179,7 @@ WHERE o.id > $3
        OR NOT EXISTS (SELECT 1 FROM {quoted} q
                       WHERE q.quarantined_at IS NOT NULL AND q.aggregate_id = o.aggregate_id AND q.id < o.id))
 ORDER BY o.id
-LIMIT $2
+LIMIT {batch_size}
 FOR UPDATE OF o SKIP LOCKED"
             ),
             payload: format!("SELECT payload::text FROM {quoted} WHERE ctid = $1::tid"),

@@ -99,6 +99,7 @@ impl Relay {
             sql: Statements::for_table(
                 &quoted,
                 &quote_qualified(&crate::migrate::archive_table(&config.table)),
+                config.batch_size,
             ),
             pool,
             pg,
