@@ -106,7 +106,7 @@ pub struct Statements {
     /// on a claimed row, and the other columns were most of the rest (a claim of 1,000 rows
     /// with them took 5.5 ms in psql, 2.0 without the payloads, 0.7 with ids alone).
     pub claim: String,
-    /// $1 ctids of rows this transaction has locked, $2 the claim's $4 -> (id,
+    /// $1 ctids of rows this transaction has locked, $2 the claim's $3 -> (id,
     /// event_id, topic, aggregate_id, payload as text if small (else NULL: read apart by
     /// `payload`), traceparent, created_at), in no particular order.
     pub rows: String,
