@@ -6,12 +6,6 @@ use clap::Parser;
 use outboxd::cli::{Cli, Command, LogFormat};
 use std::process::ExitCode;
 
-// mimalloc rather than glibc's malloc: the relay and the consumer allocate and free a
-// batch's worth of rows, commands and replies at a time, which glibc served from its bins
-// (malloc and free were 16% of the relay's CPU); README "Architecture".
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo prints its own story; its logs would only repeat it.
