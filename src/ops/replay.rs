@@ -7,7 +7,7 @@
 
 use crate::config::{Config, ConfigError};
 use crate::db::quote_qualified;
-use crate::envelope::{encode_into, Outgoing};
+use crate::envelope::Outgoing;
 use crate::error::{Error, Result};
 use crate::redis_io::Redis;
 use std::time::SystemTime;
@@ -87,7 +87,6 @@ pub async fn replay(
         );
         let mut after: i64 = 0;
         let mut count = 0u64;
-        let mut buf = Vec::new();
         loop {
             let rows = crate::db::bounded(bound, &ctx, async {
                 client
@@ -100,7 +99,9 @@ pub async fn replay(
             after = last.get(0);
             let mut commands = Vec::with_capacity(rows.len());
             for row in &rows {
-                encode_into(
+                let key = redis.stream_key_for(topic, row.get(2));
+                let (entry, _) = crate::relay::publish::Entry::new(
+                    key.into(),
                     &Outgoing {
                         event_id: row.get(1),
                         source: relay.source(),
@@ -110,12 +111,8 @@ pub async fn replay(
                         payload_json: row.get(3),
                         traceparent: row.get(4),
                     },
-                    &mut buf,
                 );
-                let key = redis.stream_key_for(topic, row.get(2));
-                let mut cmd = redis::cmd("XADD");
-                cmd.arg(&key).arg("*").arg("data").arg(buf.as_slice());
-                commands.push((key, cmd));
+                commands.push(entry.into_command());
             }
             let failed = |e| Error::redis(format!("replay of {topic}"))(e);
             for reply in crate::redis_io::pipeline_by_key(&mut conn, commands)

@@ -18,10 +18,12 @@
 //! * Both start after the resume point (resume.rs: no row at or below it exists or can still
 //!   appear), which the claim's lock read, returned as its last column, helps prove.
 
+use tokio_postgres::types::{to_sql_checked, FromSql, IsNull, ToSql, Type};
+
 /// A row's physical address (`ctid`) in PostgreSQL's binary form: the claim returns it, and
 /// the statements that read and delete the claimed rows take it back, with no text to
-/// format and parse on either side (as text it cost PostgreSQL about as much again as the
-/// index probe it saves: `tidout` once and `tidin` on every statement, per row).
+/// format and parse on either side (as text, `tidout` in the claim and `tidin` in every
+/// statement after it: `ctid::text` over 200,000 rows took 55-66 ms against 29 for `ctid`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RowAddress {
     block: u32,
@@ -87,8 +89,6 @@ const HELD: &str = "held AS MATERIALIZED (
 /// a lower bound. Held-back rows wait at the head of their aggregates: in a backlog they are
 /// among the oldest.
 pub const HELD_BACK_SCAN: i64 = 100_000;
-
-use tokio_postgres::types::{to_sql_checked, FromSql, IsNull, ToSql, Type};
 
 #[derive(Debug, Clone)]
 pub struct Statements {

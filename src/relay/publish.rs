@@ -83,11 +83,16 @@ pub struct Entry {
 impl Entry {
     /// The `XADD` of `event`'s envelope to `key`, and the envelope's length.
     pub fn new(key: Arc<str>, event: &Outgoing<'_>) -> (Entry, usize) {
-        // room for the envelope's members around the payload, so the command grows once
+        // room for the envelope's members around the payload: the command does not grow
         let mut xadd = Cmd::with_capacity(5, key.len() + event.payload_json.len() + 512);
         xadd.arg("XADD").arg(&*key).arg("*").arg("data");
         let len = write_envelope(event, &mut xadd.writer_for_next_arg());
         (Entry { key, xadd }, len)
+    }
+
+    /// The stream key and the `XADD`, for a caller that sends it on its own.
+    pub fn into_command(self) -> (Arc<str>, Cmd) {
+        (self.key, self.xadd)
     }
 }
 
@@ -125,7 +130,10 @@ pub async fn publish(
         keys[slot].1.push(i);
     }
     // per key: MULTI, its XADDs in batch order, EXEC
-    let mut xadds: Vec<Option<Cmd>> = entries.into_iter().map(|e| Some(e.xadd)).collect();
+    let mut xadds: Vec<Option<Cmd>> = entries
+        .into_iter()
+        .map(|e| Some(e.into_command().1))
+        .collect();
     let mut commands = Vec::with_capacity(count + 2 * keys.len());
     for (key, members) in &keys {
         commands.push((key.clone(), redis::cmd("MULTI")));
