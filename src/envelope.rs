@@ -33,7 +33,7 @@ pub fn encode_into(event: &Outgoing<'_>, out: &mut Vec<u8>) -> usize {
 
 /// Writes the envelope to `out` and returns its length. `out` is a sink that cannot fail
 /// (a `Vec`, the argument of a Redis command being built): the relay writes each envelope
-/// straight into its `XADD`, with no buffer of its own to copy from.
+/// into its entry's buffer, sized for it beforehand.
 pub fn write_envelope(event: &Outgoing<'_>, out: &mut impl std::io::Write) -> usize {
     let mut out = Counted { inner: out, len: 0 };
     out.put(b"{\"specversion\":\"1.0\",\"id\":");

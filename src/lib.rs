@@ -14,6 +14,8 @@
 //! - [`db`]: PostgreSQL pools (one per database: [`db::pools`]), bounded statements, quoting,
 //!   SQLSTATE classification.
 //! - [`redis_io`]: Redis connections (shared and dedicated), stream keys, error classes.
+//! - [`resp`]: the relay's own publishing connection to a single server (RESP written and
+//!   read by hand: the redis crate's per-reply values were half of the relay's CPU).
 //! - [`tls`]: TLS over rustls: libpq's `sslmode` for PostgreSQL, CA files for Redis.
 //! - [`migrate`]: embedded migrations from `sql/migrations`.
 //! - [`envelope`]: CloudEvents encode/decode, and the RFC 3339 times they carry.
@@ -68,6 +70,7 @@ pub mod migrate;
 pub mod ops;
 pub mod redis_io;
 pub mod relay;
+pub mod resp;
 pub mod retry;
 pub mod shutdown;
 pub mod telemetry;

@@ -25,6 +25,9 @@ pub struct Redis {
     commands: Conn,
     prefix: String,
     connect_timeout: Duration,
+    /// A single server over plain TCP or a Unix socket: the relays' publishing connections
+    /// (resp.rs).
+    publish_target: Option<crate::resp::Target>,
     /// Topics published to several streams: topic -> number of partitions (> 1).
     partitions: std::collections::HashMap<String, u32>,
 }
@@ -402,6 +405,7 @@ impl Redis {
                 commands: Conn::Cluster(LazyCluster::new(client)),
                 prefix: config.stream_prefix.clone(),
                 connect_timeout,
+                publish_target: None,
                 partitions: std::collections::HashMap::new(),
             });
         }
@@ -434,11 +438,17 @@ impl Redis {
             .set_number_of_retries(1);
         let commands = Managed::new(client.clone(), manager_config)
             .map_err(Error::redis("creating the connection manager"))?;
+        let publish_target = crate::resp::Target::of(
+            client.get_connection_info(),
+            connect_timeout,
+            response_timeout,
+        );
         Ok(Redis {
             client: Some(client),
             commands: Conn::Managed(commands),
             prefix: config.stream_prefix.clone(),
             connect_timeout,
+            publish_target,
             partitions: std::collections::HashMap::new(),
         })
     }
@@ -457,6 +467,12 @@ impl Redis {
     /// Whether this is a Redis Cluster (streams spread over shards).
     pub fn is_cluster(&self) -> bool {
         matches!(self.commands, Conn::Cluster(_))
+    }
+
+    /// A publishing connection of its own for a relay (made on first use), on a single
+    /// server reached without TLS; else `None`, and the relay publishes on [`Redis::commands`].
+    pub fn publisher(&self) -> Option<crate::resp::Publisher> {
+        self.publish_target.clone().map(crate::resp::Publisher::new)
     }
 
     /// The shared connection for non-blocking commands. Cheap to clone.

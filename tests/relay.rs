@@ -520,6 +520,77 @@ async fn relay_survives_redis_restart_without_loss() {
     );
 }
 
+/// The relay's publishing connection (resp.rs) logs in as the URL's user and uses its
+/// database: on a server whose default user is off, entries land in database 5 and
+/// nowhere else, every row once and in order.
+#[tokio::test]
+async fn relay_publishes_as_the_user_and_into_the_database_of_its_url() {
+    let redis = PrivateRedis::start();
+    let mut admin = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection_with_config(&test_redis_config())
+        .await
+        .unwrap();
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", "relayer", "on", ">s3cret-pass", "~*", "+@all"])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", "default", "off"])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    drop(admin);
+    let url = format!("redis://relayer:s3cret-pass@127.0.0.1:{}/5", redis.port);
+    let db = TestDb::new("acl_db").await;
+    let streams = TestStreams::on("acl_db", &url);
+    let text =
+        relay_config(&db.url, &streams.prefix, "batch_size = 300").replace(&redis_url(), &url);
+    let cfg = write_config("acl_db", &text);
+    let (code, _, err) = run_bin(&["--config", cfg.to_str().unwrap(), "migrate"], &[]);
+    assert_eq!(code, 0, "{err}");
+    let client = db.client().await;
+    insert_rows(&client, TOPIC, 2_000, 13).await;
+    let (code, out, err) = run_bin(&["--config", cfg.to_str().unwrap(), "relay", "--once"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(count(&client, "SELECT count(*) FROM outbox").await, 0);
+    check_stream(&streams.entries(TOPIC).await, 2_000);
+    // database 0 holds nothing of this run
+    let mut in_db0 = redis::Client::open(format!(
+        "redis://relayer:s3cret-pass@127.0.0.1:{}/0",
+        redis.port
+    ))
+    .unwrap()
+    .get_multiplexed_async_connection_with_config(&test_redis_config())
+    .await
+    .unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut in_db0)
+        .await
+        .unwrap();
+    assert!(keys.is_empty(), "{keys:?}");
+    // and without the user's password nothing is published
+    let bad = text.replace("s3cret-pass", "wrong-pass");
+    let bad_cfg = write_config("acl_db_bad", &bad);
+    insert_rows(&client, TOPIC, 10, 1).await;
+    let (code, out, err) = run_bin(
+        &[
+            "--config",
+            bad_cfg.to_str().unwrap(),
+            "relay",
+            "--once",
+            "--give-up-after",
+            "2s",
+        ],
+        &[],
+    );
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(!err.contains("wrong-pass"), "no password in errors: {err}");
+    assert_eq!(count(&client, "SELECT count(*) FROM outbox").await, 10);
+}
+
 #[tokio::test]
 async fn rejected_row_is_quarantined_and_holds_back_only_its_aggregate() {
     let db = TestDb::new("quarantine").await;

@@ -379,7 +379,12 @@ impl Relay {
         }
         let (deleted, results) = tokio::join!(
             delete_fut,
-            publish::publish(&mut conn, entries, &entry_aggregates)
+            publish::publish(
+                &mut conn,
+                self.publisher.as_ref(),
+                entries,
+                &entry_aggregates
+            )
         );
         if holds_large {
             conn.renew().await;

@@ -74,6 +74,9 @@ pub struct Relay {
     /// Where claims start (see resume.rs). Shared by the batches in flight; never held
     /// across an await.
     resume: Mutex<resume::ResumePoint>,
+    /// This relay's own publishing connection (resp.rs), or `None` (TLS, Cluster): the
+    /// shared one.
+    publisher: Option<crate::resp::Publisher>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -103,6 +106,7 @@ impl Relay {
             ),
             pool,
             pg,
+            publisher: redis.publisher(),
             redis,
             config,
             source,
