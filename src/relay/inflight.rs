@@ -22,6 +22,46 @@ pub struct InFlightRun {
 }
 
 impl Relay {
+    /// Opens the pool's connections for the batches in flight at once, in the background,
+    /// each with the batch's statements prepared: made one after another as batches launch,
+    /// the connects and prepares held up the first batches of every drain. Only connections
+    /// the pool lacks are made (it keeps them, within `pool_size`), and one is left for the
+    /// first batch to take.
+    fn warm_up(&self, in_flight_max: usize) {
+        let status = self.pool.status();
+        let missing = in_flight_max.saturating_sub(status.size + 1);
+        let delete = if self.config.archive_retention_hours > 0 {
+            &self.sql.delete_to_archive
+        } else {
+            &self.sql.delete
+        };
+        let statements: std::sync::Arc<[String]> = [
+            self.sql.claim.clone(),
+            self.sql.rows.clone(),
+            self.sql.rows_up_to.clone(),
+            delete.clone(),
+        ]
+        .into();
+        for _ in 0..missing {
+            let pool = self.pool.clone();
+            let statements = statements.clone();
+            let bound = self.pg.query_timeout;
+            tokio::spawn(async move {
+                // best effort: a batch that finds no connection ready makes its own
+                let _ = tokio::time::timeout(bound, async {
+                    if let Ok(client) = pool.get().await {
+                        for sql in statements.iter() {
+                            if client.prepare_cached(sql).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                })
+                .await;
+            });
+        }
+    }
+
     /// Batches back to back while their claims come back full, up to three in flight (at
     /// most the pool's size): while one batch publishes and commits, the next ones claim and
     /// read their rows, and each checks its heads only after the commit of the one before (or
@@ -32,7 +72,7 @@ impl Relay {
     ///
     /// The next batch is launched early only while the batches were whole heads of the table
     /// (no row at or below a batch's last id outside it: the single relay draining a
-    /// backlog), and then it claims only rows after those of the batch in flight. Otherwise
+    /// backlog; taken to be so until the first batch has finished), and then it claims only rows after those of the batch in flight. Otherwise
     /// its claim would walk past the locked rows of the batch in flight one by one, which
     /// costs PostgreSQL more than the overlap saves: the batches then run one after another.
     /// Any subset of rows is a safe claim (order comes from the head check, not from what is
@@ -65,8 +105,13 @@ impl Relay {
         // last was the whole head of the table
         let mut last_claimed = 0_i64;
         let mut claimed_heavy = false;
-        let mut whole_head = false;
+        // Until a batch says otherwise, the drain is taken to be alone at the head of the
+        // table: the second batch claims as soon as the first has claimed, instead of after
+        // its commit (any subset of rows is a safe claim; a first batch that is not the
+        // whole head stops the overlap when it finishes).
+        let mut whole_head = true;
         let mut launch = true;
+        self.warm_up(in_flight_max);
         let mut finished = |result: Result<Finished>,
                             run: &mut InFlightRun,
                             launch: &mut bool,
