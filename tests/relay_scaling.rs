@@ -409,6 +409,70 @@ async fn a_frozen_active_relay_loses_its_lock_and_a_standby_drains() {
     }
 }
 
+/// The backend pids connected to the test's database, this session's aside.
+async fn backends(client: &tokio_postgres::Client) -> std::collections::BTreeSet<i32> {
+    client
+        .query(
+            "SELECT pid FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// A standby holds one connection, the same one from try to try: no LISTEN connection, no
+/// pooled one, and no new backend a second.
+#[tokio::test]
+async fn a_standby_holds_one_connection_and_keeps_it_between_tries() {
+    let (db, _streams, cfg) = migrated("standby_conn", "poll_interval_ms = 50").await;
+    let client = db.client().await;
+    let dir = cfg.parent().unwrap().to_path_buf();
+    let (log_a, log_b) = (dir.join("a.log"), dir.join("b.log"));
+    let mut a = relay(&cfg, &log_a);
+    wait_until(
+        "the first relay active",
+        Duration::from_secs(30),
+        || async { log_of(&log_a).contains(ACTIVE) && active_holders(&client).await.len() == 1 },
+    )
+    .await;
+    // the active relay's own connections settle (pool, LISTEN, lock)
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = backends(&client).await;
+    let mut b = relay(&cfg, &log_b);
+    wait_until(
+        "the second relay standing by",
+        Duration::from_secs(30),
+        || async { log_of(&log_b).contains("standing by") },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let first: Vec<i32> = backends(&client)
+        .await
+        .difference(&before)
+        .copied()
+        .collect();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let later: Vec<i32> = backends(&client)
+        .await
+        .difference(&before)
+        .copied()
+        .collect();
+    signal(&b, "TERM");
+    signal(&a, "TERM");
+    assert!(b.wait().unwrap().success());
+    assert!(a.wait().unwrap().success());
+    assert_eq!(first.len(), 1, "the standby's backends: {first:?}");
+    assert_eq!(
+        first, later,
+        "the standby kept its connection across its tries"
+    );
+    assert!(!log_of(&log_b).contains(ACTIVE), "{}", log_of(&log_b));
+}
+
 #[tokio::test]
 async fn with_standby_off_every_relay_drains_and_none_takes_the_lock() {
     let (db, streams, cfg) = migrated(

@@ -49,8 +49,12 @@ pub(super) struct Leadership {
     relay: String,
     database: String,
     table: String,
-    relid: u32,
+    /// The table's name quoted for `to_regclass`: the lock's key is its oid, looked up by the
+    /// statement that takes the lock, so that a standby needs no other connection.
+    quoted_table: String,
     held: Option<Held>,
+    /// A standby's lock connection, kept for its next try.
+    waiting: Option<LockConnection>,
     next_try: Instant,
     /// Last answer, to log changes only.
     was_active: Option<bool>,
@@ -65,6 +69,28 @@ struct Held {
     heartbeat: tokio::task::JoinHandle<()>,
 }
 
+/// The outboxes (database, table) whose relay in this process found another one active at
+/// its last try.
+static STANDING_BY: std::sync::Mutex<std::collections::BTreeSet<(String, String)>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// Whether this process's relay of the outbox is standing by (another relay is active): its
+/// gauges are the active relay's process's to measure (housekeeping.rs).
+pub fn standing_by(database: &str, table: &str) -> bool {
+    STANDING_BY.lock().is_ok_and(|s| {
+        s.iter()
+            .any(|(d, t)| d.as_str() == database && t.as_str() == table)
+    })
+}
+
+/// A dedicated connection for the lock, and the flag its driver clears when it ends.
+#[derive(Debug)]
+struct LockConnection {
+    client: tokio_postgres::Client,
+    driver: tokio::task::JoinHandle<()>,
+    alive: Arc<AtomicBool>,
+}
+
 /// The answer of one try for the lock.
 enum Tried {
     Taken(Held),
@@ -74,14 +100,15 @@ enum Tried {
 }
 
 impl Leadership {
-    pub(super) fn new(pg: PgTarget, database: &str, table: &str, relid: u32) -> Leadership {
+    pub(super) fn new(pg: PgTarget, database: &str, table: &str) -> Leadership {
         Leadership {
             pg,
             relay: format!("{database}.{table}"),
             database: database.to_string(),
             table: table.to_string(),
-            relid,
+            quoted_table: crate::db::quote_qualified(table),
             held: None,
+            waiting: None,
             next_try: Instant::now(),
             was_active: None,
         }
@@ -135,20 +162,34 @@ impl Leadership {
             .relay_active
             .with_label_values(&[&self.database, &self.table])
             .set(i64::from(active));
+        let key = (self.database.clone(), self.table.clone());
+        if let Ok(mut standing_by) = STANDING_BY.lock() {
+            if active {
+                standing_by.remove(&key);
+            } else {
+                standing_by.insert(key);
+            }
+        }
     }
 
-    async fn try_take(&self) -> Tried {
+    /// The lock connection a standby keeps between its tries (made anew only when it
+    /// failed): a connection a second would be a backend started and ended a second per
+    /// standby, which cost PostgreSQL more than the standby's whole watch otherwise.
+    async fn lock_connection(&mut self) -> Result<LockConnection, Error> {
+        if let Some(kept) = self.waiting.take() {
+            if kept.alive.load(Ordering::Acquire) && !kept.client.is_closed() {
+                return Ok(kept);
+            }
+            kept.driver.abort();
+        }
         let bound = self.pg.query_timeout;
-        let connected = crate::db::bounded(bound, "connecting for the active lock", async {
-            crate::db::connect_dedicated(&self.pg)
-                .await
-                .map_err(Error::pg("connecting for the active lock"))
-        })
-        .await;
-        let (client, connection) = match connected {
-            Ok(c) => c,
-            Err(e) => return Tried::Failed(crate::error::chain(&e)),
-        };
+        let (client, connection) =
+            crate::db::bounded(bound, "connecting for the active lock", async {
+                crate::db::connect_dedicated(&self.pg)
+                    .await
+                    .map_err(Error::pg("connecting for the active lock"))
+            })
+            .await?;
         let alive = Arc::new(AtomicBool::new(true));
         let driver = {
             let alive = alive.clone();
@@ -158,24 +199,58 @@ impl Leadership {
             })
         };
         let timeout_ms = HOLDER_IDLE_TIMEOUT.as_millis().to_string();
-        let taken = crate::db::bounded(bound, "taking the active lock", async {
-            // The server ends this session once it is silent for longer than the timeout
-            // (the heartbeat below keeps it talking), so a frozen holder lets go.
+        // The server ends this session once it is silent for longer than the timeout (the
+        // heartbeat, or a standby's tries, keep it talking), so a frozen holder lets go.
+        let set = crate::db::bounded(bound, "setting idle_session_timeout", async {
             client
                 .batch_execute(&format!(
                     "SET idle_session_timeout = {timeout_ms}; SET application_name = 'outboxd relay'"
                 ))
                 .await
-                .map_err(Error::pg("setting idle_session_timeout"))?;
+                .map_err(Error::pg("setting idle_session_timeout"))
+        })
+        .await;
+        if let Err(e) = set {
+            driver.abort();
+            return Err(e);
+        }
+        Ok(LockConnection {
+            client,
+            driver,
+            alive,
+        })
+    }
+
+    async fn try_take(&mut self) -> Tried {
+        let bound = self.pg.query_timeout;
+        let conn = match self.lock_connection().await {
+            Ok(conn) => conn,
+            Err(e) => return Tried::Failed(crate::error::chain(&e)),
+        };
+        // the holder is looked up for the log line, which is written when the answer changes
+        let name_holder = self.was_active != Some(false);
+        let client = &conn.client;
+        let taken = crate::db::bounded(bound, "taking the active lock", async {
             let row = client
                 .query_one(
-                    "SELECT pg_try_advisory_lock($1::int, $2::oid::int)",
-                    &[&ACTIVE_LOCK_CLASS, &self.relid],
+                    "SELECT pg_try_advisory_lock($1::int, to_regclass($2)::oid::int)",
+                    &[&ACTIVE_LOCK_CLASS, &self.quoted_table],
                 )
                 .await
                 .map_err(Error::pg("taking the active lock"))?;
-            if row.get::<_, bool>(0) {
-                return Ok::<_, Error>(None);
+            match row.get::<_, Option<bool>>(0) {
+                Some(true) => return Ok::<_, Error>(None),
+                Some(false) => {}
+                // no such table: the relay's own startup checks say so when it runs
+                None => {
+                    return Err(Error::Refused {
+                        context: "taking the active lock".into(),
+                        reason: format!("no table {}", self.quoted_table),
+                    })
+                }
+            }
+            if !name_holder {
+                return Ok(Some((0, String::new())));
             }
             let holder = client
                 .query_opt(
@@ -183,9 +258,9 @@ impl Leadership {
                      FROM pg_catalog.pg_locks l
                      LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid
                      WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
-                       AND l.classid = $1::int::oid AND l.objid = $2::oid
+                       AND l.classid = $1::int::oid AND l.objid = to_regclass($2)::oid
                        AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())",
-                    &[&ACTIVE_LOCK_CLASS, &self.relid],
+                    &[&ACTIVE_LOCK_CLASS, &self.quoted_table],
                 )
                 .await
                 .map_err(Error::pg("reading the active lock's holder"))?;
@@ -196,6 +271,11 @@ impl Leadership {
         .await;
         match taken {
             Ok(None) => {
+                let LockConnection {
+                    client,
+                    driver,
+                    alive,
+                } = conn;
                 let heartbeat = {
                     let alive = alive.clone();
                     tokio::spawn(async move {
@@ -214,11 +294,11 @@ impl Leadership {
                 Tried::Taken(Held { alive, heartbeat })
             }
             Ok(Some((pid, who))) => {
-                driver.abort();
+                self.waiting = Some(conn);
                 Tried::HeldBy(pid, who)
             }
             Err(e) => {
-                driver.abort();
+                conn.driver.abort();
                 Tried::Failed(crate::error::chain(&e))
             }
         }
@@ -240,5 +320,11 @@ impl Leadership {
 impl Drop for Leadership {
     fn drop(&mut self) {
         self.release();
+        if let Some(waiting) = self.waiting.take() {
+            waiting.driver.abort();
+        }
+        if let Ok(mut standing_by) = STANDING_BY.lock() {
+            standing_by.remove(&(self.database.clone(), self.table.clone()));
+        }
     }
 }

@@ -23,6 +23,7 @@ mod listen;
 pub mod publish;
 mod resume;
 
+pub use active::standing_by;
 use batch::{CheckRequest, Claimed, Finished, Links};
 pub use inflight::InFlightRun;
 pub use inspect::{held_back_with, Backlog, Blocker, HeldBack};
@@ -248,14 +249,10 @@ impl Relay {
     /// the batch in hand), or with an error retrying cannot cure.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<()> {
         let wake = Arc::new(Notify::new());
-        let listener = tokio::spawn(listen(
-            self.pg.clone(),
-            self.name(),
-            self.pool.clone(),
-            self.table.clone(),
-            wake.clone(),
-            shutdown.child_token(),
-        ));
+        // LISTEN starts when this relay first drains: a standby has no use for wake-ups, and
+        // its connections (the LISTEN one and the pooled one it looks the table up on) would
+        // be one more backend per standby for nothing
+        let mut listener: Option<tokio::task::JoinHandle<()>> = None;
         let poll = Duration::from_millis(self.config.poll_interval_ms);
         let mut backoff = Backoff::new();
         let mut last_prune: Option<Instant> = None;
@@ -282,26 +279,33 @@ impl Relay {
                 }
             }
             watch.busy();
+            // A standby only tries for the active lock (on the lock's own connection); the
+            // startup checks and LISTEN wait until it drains.
+            if self.config.standby {
+                let leader = leadership.get_or_insert_with(|| {
+                    active::Leadership::new(self.pg.clone(), &self.database, &self.table)
+                });
+                if !leader.active().await {
+                    // standing by: an idle round, as far as the watchdog is concerned
+                    watch.done();
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break Ok(()),
+                        _ = tokio::time::sleep(active::STANDBY_RETRY) => {}
+                    }
+                    continue;
+                }
+            }
             let run = match self.relid().await {
                 Ok(relid) => {
-                    if self.config.standby {
-                        let leader = leadership.get_or_insert_with(|| {
-                            active::Leadership::new(
-                                self.pg.clone(),
-                                &self.database,
-                                &self.table,
-                                relid,
-                            )
-                        });
-                        if !leader.active().await {
-                            // standing by: an idle round, as far as the watchdog is concerned
-                            watch.done();
-                            tokio::select! {
-                                _ = shutdown.cancelled() => break Ok(()),
-                                _ = tokio::time::sleep(active::STANDBY_RETRY) => {}
-                            }
-                            continue;
-                        }
+                    if listener.is_none() {
+                        listener = Some(tokio::spawn(listen(
+                            self.pg.clone(),
+                            self.name(),
+                            self.pool.clone(),
+                            self.table.clone(),
+                            wake.clone(),
+                            shutdown.child_token(),
+                        )));
                     }
                     let still_active = leadership
                         .as_ref()
@@ -356,7 +360,9 @@ impl Relay {
                 Err(e) => break Err(e),
             }
         };
-        listener.abort();
+        if let Some(listener) = listener {
+            listener.abort();
+        }
         // the active lock goes with `leadership`, dropped here
         drop(leadership);
         tracing::info!(relay = %self.name(), "relay stopped");
