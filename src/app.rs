@@ -171,12 +171,18 @@ pub async fn daemon(
             http_token.clone(),
         ));
     }
-    let gauges = tokio::spawn(crate::housekeeping::refresh_gauges_forever(
-        config.clone(),
-        pools.clone(),
-        redis.clone(),
-        shutdown.child_token(),
-    ));
+    // The gauges are only read through /metrics: without it, their queries (an exact count of
+    // each outbox below a million rows, every 5 s) would be PostgreSQL's time for nothing.
+    let gauges = tokio::spawn(if config.http.listen.is_empty() {
+        futures_util::future::Either::Left(std::future::ready(()))
+    } else {
+        futures_util::future::Either::Right(crate::housekeeping::refresh_gauges_forever(
+            config.clone(),
+            pools.clone(),
+            redis.clone(),
+            shutdown.child_token(),
+        ))
+    });
     let housekeeping = tokio::spawn(crate::housekeeping::maintain_forever(
         config.clone(),
         pools.clone(),

@@ -97,9 +97,22 @@ pub async fn refresh_gauges_forever(
     // gauges for longer than a round's bound (its figures are then simply not refreshed).
     let bound = config.largest_operation_bound() * 2;
     loop {
+        // A standing-by relay's outbox is measured by the active relay's process, not here:
+        // every standby counting the same backlog every 5 s would multiply that cost by the
+        // number of standbys. Its series are left out until it becomes active.
+        let mut measured = config.clone();
+        measured.relays.retain(|r| {
+            let labels = [r.database.as_str(), r.table.as_str()];
+            let standing_by = r.standby && crate::relay::standing_by(&r.database, &r.table);
+            if standing_by {
+                let _ = m.outbox_backlog_rows.remove_label_values(&labels);
+                let _ = m.outbox_oldest_age_seconds.remove_label_values(&labels);
+            }
+            !standing_by
+        });
         let Ok(status) = tokio::time::timeout(
             bound,
-            crate::ops::status::collect(&config, &pools, &redis, false),
+            crate::ops::status::collect(&measured, &pools, &redis, false),
         )
         .await
         else {
