@@ -3,8 +3,8 @@
 //! each with the rate of its first and its last tenth, read from the stream's
 //! `entries-added` counter sampled while it runs (Redis 7+; the stream is then trimmed
 //! meanwhile, so that a 10M drain does not hold gigabytes in Redis; before 7 its length,
-//! untrimmed), and its peak RSS. Then the same drain by 1, 2 and 4 relay daemons started
-//! together.
+//! untrimmed), and its peak RSS. Then the 1,000,000-row drain by 1, 2 and 4 relay daemons
+//! started together.
 
 use super::{connect, Bench, TOPIC};
 use std::process::{Command, Stdio};
