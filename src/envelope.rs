@@ -274,7 +274,7 @@ pub fn decode(data: Option<&[u8]>, topic: &str) -> Result<Incoming, DecodeError>
     // same event as the whole decode (a test compares the two on generated envelopes); where
     // it cannot (plain JSON, text that is not a JSON object: errors are rare), the whole
     // decode answers.
-    if memchr_specversion(text) {
+    if may_name_specversion(text) {
         if let Ok(head) = serde_json::from_str::<Head<'_>>(text) {
             if head.specversion {
                 let (mut event, _) = finish_cloudevent(head)?;
@@ -288,7 +288,7 @@ pub fn decode(data: Option<&[u8]>, topic: &str) -> Result<Incoming, DecodeError>
 
 /// Whether the text could hold the member `specversion` as written unescaped (an escaped
 /// name is found by the whole decode).
-fn memchr_specversion(text: &str) -> bool {
+fn may_name_specversion(text: &str) -> bool {
     text.contains("\"specversion\"")
 }
 
