@@ -173,10 +173,8 @@ pub async fn daemon(
     }
     // The gauges are only read through /metrics: without it, their queries (an exact count of
     // each outbox below a million rows, every 5 s) would be PostgreSQL's time for nothing.
-    let gauges = tokio::spawn(if config.http.listen.is_empty() {
-        futures_util::future::Either::Left(std::future::ready(()))
-    } else {
-        futures_util::future::Either::Right(crate::housekeeping::refresh_gauges_forever(
+    let gauges = (!config.http.listen.is_empty()).then(|| {
+        tokio::spawn(crate::housekeeping::refresh_gauges_forever(
             config.clone(),
             pools.clone(),
             redis.clone(),
@@ -238,7 +236,9 @@ pub async fn daemon(
         set.abort_all();
     }
     http_token.cancel();
-    gauges.abort();
+    if let Some(gauges) = gauges {
+        gauges.abort();
+    }
     housekeeping.abort();
     match failure {
         Some(e) => Err(e),

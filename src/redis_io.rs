@@ -440,6 +440,7 @@ impl Redis {
             .map_err(Error::redis("creating the connection manager"))?;
         let publish_target = crate::resp::Target::of(
             client.get_connection_info(),
+            tcp_settings(response_timeout),
             connect_timeout,
             response_timeout,
         );
@@ -564,7 +565,7 @@ impl Redis {
 /// Every Redis socket: no Nagle delay; keepalive probes after 10 s of silence, every 5 s, 2
 /// retries; unacknowledged data given up after the response timeout (`TCP_USER_TIMEOUT`), so
 /// that a peer that vanished is noticed by the kernel even while nothing is being asked.
-fn tcp_settings(response_timeout: Duration) -> redis::io::tcp::TcpSettings {
+pub(crate) fn tcp_settings(response_timeout: Duration) -> redis::io::tcp::TcpSettings {
     let keepalive = redis::io::tcp::socket2::TcpKeepalive::new()
         .with_time(Duration::from_secs(10))
         .with_interval(Duration::from_secs(5))

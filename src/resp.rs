@@ -25,6 +25,8 @@ pub struct Target {
     username: Option<String>,
     password: Option<String>,
     db: i64,
+    /// The socket options of every Redis socket (`redis_io::tcp_settings`).
+    tcp: redis::io::tcp::TcpSettings,
     connect_timeout: Duration,
     response_timeout: Duration,
 }
@@ -40,6 +42,7 @@ impl Target {
     /// connection is used).
     pub fn of(
         info: &ConnectionInfo,
+        tcp: redis::io::tcp::TcpSettings,
         connect_timeout: Duration,
         response_timeout: Duration,
     ) -> Option<Target> {
@@ -54,6 +57,7 @@ impl Target {
             username: settings.username().map(str::to_string),
             password: settings.password().map(str::to_string),
             db: settings.db(),
+            tcp,
             connect_timeout,
             response_timeout,
         })
@@ -155,6 +159,11 @@ pub fn put_transaction<'a>(
     put_command(out, &[b"EXEC"]);
 }
 
+/// The decimal after a reply line's type byte (`*3`, `$15`).
+fn length_of(line: &[u8]) -> Option<usize> {
+    std::str::from_utf8(line.get(1..)?).ok()?.parse().ok()
+}
+
 /// A reply line's text, for messages.
 fn shown(line: &[u8]) -> String {
     String::from_utf8_lossy(&line[..line.len().min(200)]).into_owned()
@@ -177,18 +186,14 @@ impl Connection {
         let stream: Box<dyn Stream> = match &target.addr {
             Addr::Tcp(host, port) => {
                 let tcp = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
-                tcp.set_nodelay(true)?;
-                // as for every other Redis socket (redis_io.rs): keepalive, and unacknowledged
-                // data given up after the response timeout
+                let settings = &target.tcp;
+                tcp.set_nodelay(settings.nodelay())?;
                 let socket = redis::io::tcp::socket2::SockRef::from(&tcp);
-                socket.set_tcp_keepalive(
-                    &redis::io::tcp::socket2::TcpKeepalive::new()
-                        .with_time(Duration::from_secs(10))
-                        .with_interval(Duration::from_secs(5))
-                        .with_retries(2),
-                )?;
+                if let Some(keepalive) = settings.keepalive() {
+                    socket.set_tcp_keepalive(keepalive)?;
+                }
                 #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
-                socket.set_tcp_user_timeout(Some(target.response_timeout))?;
+                socket.set_tcp_user_timeout(settings.user_timeout())?;
                 Box::new(tcp)
             }
             Addr::Unix(path) => Box::new(tokio::net::UnixStream::connect(path).await?),
@@ -310,9 +315,7 @@ impl Connection {
             Some(b'-') => return Err(server_error(&line)),
             _ => return Err(protocol_error(format!("EXEC answered {}", shown(&line)))),
         }
-        let n: usize = std::str::from_utf8(&line[1..])
-            .ok()
-            .and_then(|n| n.parse().ok())
+        let n = length_of(&line)
             .ok_or_else(|| protocol_error(format!("EXEC answered {}", shown(&line))))?;
         if n != count {
             return Err(protocol_error(format!(
@@ -325,12 +328,9 @@ impl Connection {
             let line = &self.read[self.pos..end];
             match line.first() {
                 Some(b'$') => {
-                    let len: usize = std::str::from_utf8(&line[1..])
-                        .ok()
-                        .and_then(|n| n.parse().ok())
-                        .ok_or_else(|| {
-                            protocol_error(format!("unexpected reply {}", shown(line)))
-                        })?;
+                    let len = length_of(line).ok_or_else(|| {
+                        protocol_error(format!("unexpected reply {}", shown(line)))
+                    })?;
                     self.pos = end + 2;
                     self.skip(len).await?;
                 }
@@ -377,6 +377,7 @@ impl Publisher {
         out.clear();
         write(&mut out);
         let mut slot = self.conn.lock().await;
+        let had_connection = slot.is_some();
         let result = tokio::time::timeout(self.target.response_timeout, async {
             let conn = match slot.as_mut() {
                 Some(conn) => conn,
@@ -421,10 +422,13 @@ impl Publisher {
             // a server's error reply leaves the connection in step
             Err(e) if e.code().is_none() => {
                 *slot = None;
-                crate::metrics::metrics()
-                    .connections_replaced
-                    .with_label_values(&["redis"])
-                    .inc();
+                // counted as the shared connection's are: given up because it went silent
+                if had_connection && e.is_timeout() {
+                    crate::metrics::metrics()
+                        .connections_replaced
+                        .with_label_values(&["redis"])
+                        .inc();
+                }
             }
             _ => {
                 if let Some(conn) = slot.as_mut() {

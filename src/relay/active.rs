@@ -77,10 +77,9 @@ static STANDING_BY: std::sync::Mutex<std::collections::BTreeSet<(String, String)
 /// Whether this process's relay of the outbox is standing by (another relay is active): its
 /// gauges are the active relay's process's to measure (housekeeping.rs).
 pub fn standing_by(database: &str, table: &str) -> bool {
-    STANDING_BY.lock().is_ok_and(|s| {
-        s.iter()
-            .any(|(d, t)| d.as_str() == database && t.as_str() == table)
-    })
+    STANDING_BY
+        .lock()
+        .is_ok_and(|s| s.contains(&(database.to_string(), table.to_string())))
 }
 
 /// A dedicated connection for the lock, and the flag its driver clears when it ends.

@@ -318,11 +318,7 @@ impl Relay {
         // goes by ctid (no index probe per row): the rows are locked by this transaction, so
         // nothing can have moved them.
         let entry_ctids: Vec<RowAddress> = entry_rows.iter().map(|e| e.1).collect();
-        let delete_sql = if self.config.archive_retention_hours > 0 {
-            &self.sql.delete_to_archive
-        } else {
-            &self.sql.delete
-        };
+        let delete_sql = self.delete_sql();
         let ctx_delete = self.ctx("deleting published rows");
         let delete = crate::db::bounded(bound, &ctx_delete, async {
             client
@@ -442,6 +438,16 @@ impl Relay {
             outcome,
             whole_head,
         })
+    }
+
+    /// The statement that deletes a batch's published rows: into the archive when it keeps
+    /// them for replay.
+    pub(super) fn delete_sql(&self) -> &str {
+        if self.config.archive_retention_hours > 0 {
+            &self.sql.delete_to_archive
+        } else {
+            &self.sql.delete
+        }
     }
 
     /// Redis refused an entry the type check let through (the key changed meanwhile): the

@@ -28,19 +28,17 @@ impl Relay {
     /// the pool lacks are made (it keeps them, within `pool_size`), and one is left for the
     /// first batch to take.
     fn warm_up(&self, in_flight_max: usize) {
-        let status = self.pool.status();
-        let missing = in_flight_max.saturating_sub(status.size + 1);
-        let delete = if self.config.archive_retention_hours > 0 {
-            &self.sql.delete_to_archive
-        } else {
-            &self.sql.delete
-        };
+        let missing = in_flight_max.saturating_sub(self.pool.status().size + 1);
+        if missing == 0 {
+            return;
+        }
         let statements: std::sync::Arc<[String]> = [
-            self.sql.claim.clone(),
-            self.sql.rows.clone(),
-            self.sql.rows_up_to.clone(),
-            delete.clone(),
+            self.sql.claim.as_str(),
+            &self.sql.rows,
+            &self.sql.rows_up_to,
+            self.delete_sql(),
         ]
+        .map(str::to_string)
         .into();
         for _ in 0..missing {
             let pool = self.pool.clone();
